@@ -1,0 +1,195 @@
+"""Routed-expert computation and the expert-backend seam.
+
+Shape legend
+    T  tokens in the step            H  hidden size
+    K  experts per token (top-k)     I  expert intermediate size
+    E  experts held (all, or a shard's subset)
+    N  (token, expert) pairs actually computed (T*K minus padding)
+
+The model never calls experts directly: it hands a layer's routed work to an `ExpertBackend`
+(`submit` returns a handle, `result()` gives [T, H]). The local backend computes in process;
+the remote backend (router/) ships the work to expert shards. Both use `ExpertWeights.compute`,
+so a shard's answer is bit-for-bit the local one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+
+
+class ExpertHandle(Protocol):
+    def result(self) -> torch.Tensor:
+        """Block until the weighted expert sum [T, H] is ready and return it."""
+        ...
+
+
+class ExpertBackend(Protocol):
+    def submit(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> ExpertHandle:
+        """Start one layer's routed work: hidden [T, H], ids [T, K] (global), weights [T, K]."""
+        ...
+
+
+class DoneHandle:
+    """A handle whose result is already computed."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._value = value
+
+    def result(self) -> torch.Tensor:
+        return self._value
+
+
+class UnknownExpertError(ValueError):
+    """An expert id is not held by this set of weights."""
+
+
+@dataclass
+class ExpertWeights:
+    """SwiGLU weights of a subset of experts for a set of layers.
+
+    `w13[layer]` is [E, 2I, H] (gate rows then up rows, like HF's fused `gate_up_proj`),
+    `w2[layer]` is [E, H, I]; row e of both belongs to global expert `expert_ids[e]`.
+    """
+
+    expert_ids: tuple[int, ...]
+    w13: dict[int, torch.Tensor]
+    w2: dict[int, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self._local = torch.full((max(self.expert_ids, default=-1) + 1,), -1, dtype=torch.long)
+        self._local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.w13))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.w13.values())).dtype
+
+    def local_ids(self, global_ids: torch.Tensor) -> torch.Tensor:
+        """Map global expert ids to rows of w13/w2; -1 stays -1 (padding)."""
+        if global_ids.numel() == 0:
+            return global_ids.long()
+        ids = global_ids.long()
+        pad = ids < 0
+        if int(ids.max()) >= self._local.numel():
+            raise UnknownExpertError(f"expert {int(ids.max())} is not held here")
+        local = self._local[ids.clamp(min=0)]
+        if bool(((local < 0) & ~pad).any()):
+            missing = int(ids[(local < 0) & ~pad][0])
+            raise UnknownExpertError(f"expert {missing} is not held here")
+        return local.masked_fill(pad, -1)
+
+    def compute(
+        self, layer: int, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]) -> [T, H]; ids < 0 are skipped."""
+        return grouped_swiglu(hidden, local_ids, weights, self.w13[layer], self.w2[layer])
+
+
+def grouped_swiglu(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted SwiGLU experts over tokens sorted by expert, one grouped matmul per projection.
+
+    hidden [T, H], ids [T, K] (rows of w13/w2, -1 = none), weights [T, K], w13 [E, 2I, H],
+    w2 [E, H, I] -> [T, H] in hidden's dtype.
+    """
+    T, K = ids.shape
+    E, two_i, _ = w13.shape
+    flat = ids.reshape(-1)  # [T*K]
+    valid = flat >= 0
+    order = torch.argsort(torch.where(valid, flat, E), stable=True)  # sorted (token, k) pairs
+    order = order[: int(valid.sum())]  # [N]
+    token_of = order // K  # [N]
+    sorted_ids = flat[order]
+    counts = torch.bincount(sorted_ids, minlength=E)  # [E]
+    x = hidden[token_of].to(w13.dtype)  # [N, H]
+    gate_up = _grouped(x, w13, counts)  # [N, 2I]
+    gate, up = gate_up.split(two_i // 2, dim=-1)
+    y = _grouped(F.silu(gate) * up, w2, counts)  # [N, H]
+    y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(-1)
+    out = torch.zeros(T, hidden.shape[1], dtype=y.dtype, device=hidden.device)
+    out.index_add_(0, token_of, y)
+    return out.to(hidden.dtype)
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row block g of x (counts[g] rows) times w[g]^T.  x [N, in], w [E, out, in] -> [N, out]."""
+    if _HAS_GROUPED_MM and x.shape[0] > 0 and _aligned(x, w):
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    return _sorted_loop(x, w, counts)
+
+
+def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned row strides."""
+    item = x.element_size()
+    return (x.shape[1] * item) % 16 == 0 and (w.shape[1] * item) % 16 == 0
+
+
+def _sorted_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):  # only experts with work do a matmul
+        if n:
+            torch.matmul(x[start : start + n], w[e].t(), out=out[start : start + n])
+            start += n
+    return out
+
+
+class LocalExpertBackend:
+    """All experts in this process (the single-process path and the reference for shards)."""
+
+    def __init__(self, weights: ExpertWeights) -> None:
+        self.weights = weights
+
+    def submit(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> DoneHandle:
+        local = self.weights.local_ids(ids)
+        return DoneHandle(self.weights.compute(layer, hidden, local, weights))
+
+
+def naive_experts(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Reference: a Python loop over tokens and their experts (tests only)."""
+    out = torch.zeros_like(hidden)
+    inter = w13.shape[1] // 2
+    for t in range(hidden.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < 0:
+                continue
+            gate_up = w13[e] @ hidden[t]
+            h = F.silu(gate_up[:inter]) * gate_up[inter:]
+            out[t] += weights[t, k] * (w2[e] @ h)
+    return out
+
+
+def stack_experts(
+    per_expert: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(gate [I, H], up [I, H], down [H, I])] -> (w13 [E, 2I, H], w2 [E, H, I])."""
+    w13 = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in per_expert])
+    w2 = torch.stack([d for _, _, d in per_expert])
+    return w13, w2
