@@ -103,7 +103,9 @@ class ModelConfig:
             raise ConfigError(f"rope_parameters: expected a mapping, got {type(rope).__name__}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(f"rope_parameters.rope_type: only 'default' is supported, got {rope_type!r}")
+            raise ConfigError(
+                f"rope_parameters.rope_type: only 'default' is supported, got {rope_type!r}"
+            )
         rope_theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))
         if raw.get("mlp_only_layers"):
@@ -208,9 +210,13 @@ class ModelConfig:
                 f"num_experts {self.num_experts}"
             )
         if not 0.0 < self.partial_rotary_factor <= 1.0:
-            raise ConfigError(f"partial_rotary_factor: must be in (0, 1], got {self.partial_rotary_factor}")
+            raise ConfigError(
+                f"partial_rotary_factor: must be in (0, 1], got {self.partial_rotary_factor}"
+            )
         if self.rotary_dim % 2:
-            raise ConfigError(f"partial_rotary_factor: head_dim*factor={self.rotary_dim} must be even")
+            raise ConfigError(
+                f"partial_rotary_factor: head_dim*factor={self.rotary_dim} must be even"
+            )
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
         if self.attention_bias:

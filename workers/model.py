@@ -1,0 +1,90 @@
+"""Qwen3-Next causal LM without its routed experts (those sit behind the expert backend).
+
+Shape legend: T tokens in the step (all sequences flattened), H hidden, V vocab, B sequences.
+Parameter names equal the HF checkpoint's, so `load_state_dict` takes the loader's dict as is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.attention import GatedAttention
+from workers.cache import HybridCache, StepLayout
+from workers.config import LINEAR, ModelConfig
+from workers.deltanet import GatedDeltaNet
+from workers.experts import ExpertBackend
+from workers.moe import SparseMoE
+from workers.norms import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.is_linear = config.layer_types[layer] == LINEAR
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config, layer)
+        else:
+            self.self_attn = GatedAttention(config, layer)
+        self.mlp = SparseMoE(config, layer)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, layout: StepLayout, cache: HybridCache, experts: ExpertBackend
+    ) -> torch.Tensor:
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        x = x + mixer(self.input_layernorm(x), layout, cache)
+        return x + self.mlp(self.post_attention_layernorm(x), experts)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3NextLM(nn.Module):
+    """Dense path of the model: embedding, token mixers, norms, router, shared experts, LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @classmethod
+    def from_weights(
+        cls, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> Qwen3NextLM:
+        """Build without allocating twice: parameters are the loaded tensors themselves."""
+        with torch.device("meta"):
+            lm = cls(config)
+        weights = dict(weights)
+        if config.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        lm.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
+        return lm.eval().requires_grad_(False)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        layout: StepLayout,
+        cache: HybridCache,
+        experts: ExpertBackend,
+    ) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, H]; advances the cache."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, layout, cache, experts)
+        for span in layout.spans:
+            cache.lengths[span.slot] += span.length
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[.., H] -> [.., V] in fp32."""
+        return self.lm_head(hidden).float()
