@@ -1,0 +1,92 @@
+"""Dense worker: the dense model, its hybrid cache and an engine, over an expert backend.
+
+Used in-process (`expertmesh generate --local`), as a Ray actor (launcher wraps the class with
+`ray.remote`), and inside each Ray Serve dense replica. Experts are local when no placement is
+given, otherwise remote shards reached through the router.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cluster.engine import Engine
+from cluster.requests import EngineConfig, RequestOutput
+from workers.checkpoint import load_dense_weights, load_expert_weights
+from workers.config import ModelConfig
+from workers.experts import ExpertBackend, LocalExpertBackend
+from workers.model import Qwen3NextLM
+from workers.runner import ModelRunner
+from workers.sampler import SamplingParams
+from workers.tokenizer import TextTokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_lm(model_dir: str | Path, dtype: torch.dtype, progress: bool = True) -> Qwen3NextLM:
+    config = ModelConfig.from_hf(model_dir)
+    weights = load_dense_weights(model_dir, config, dtype=dtype, progress=progress)
+    return Qwen3NextLM.from_weights(config, weights, dtype)
+
+
+def local_experts(
+    model_dir: str | Path, dtype: torch.dtype, progress: bool = True
+) -> LocalExpertBackend:
+    config = ModelConfig.from_hf(model_dir)
+    return LocalExpertBackend(
+        load_expert_weights(model_dir, config, dtype=dtype, progress=progress)
+    )
+
+
+def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
+    try:
+        return TextTokenizer(model_dir)
+    except TokenizerError:
+        return None
+
+
+class DenseWorker:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str = "float32",
+        engine_config: EngineConfig | None = None,
+        experts: ExpertBackend | None = None,
+        progress: bool = False,
+    ) -> None:
+        torch_dtype = parse_dtype(dtype)
+        self.model_dir = model_dir
+        self.engine_config = engine_config or EngineConfig()
+        lm = load_lm(model_dir, torch_dtype, progress)
+        self.experts = experts or local_experts(model_dir, torch_dtype, progress)
+        runner = ModelRunner(lm, self.experts, self.engine_config.max_num_seqs, torch_dtype)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.engine = Engine(runner, self.engine_config, self.tokenizer)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.engine.runner.config
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[RequestOutput]:
+        return self.engine.generate(prompts, params)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.model_dir} has no tokenizer.json: pass token ids")
+        return self.tokenizer.encode(text)

@@ -1,0 +1,87 @@
+"""Text side of a checkpoint: `tokenizer.json` (HF tokenizers) and the chat template in
+`tokenizer_config.json` (Jinja, rendered like transformers does). transformers is not needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class TokenizerError(ValueError):
+    """Missing or unusable tokenizer files, or a chat request the template cannot render."""
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(
+                f"tokenizer.json: not found in {model_dir} (use token ids instead)"
+            )
+        self._tok = Tokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template: str | None = self.config.get("chat_template")
+        self.eos_token: str | None = _token_str(self.config.get("eos_token"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template (tokenizer_config.json)")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                eos_token=self.eos_token or "",
+                bos_token=_token_str(self.config.get("bos_token")) or "",
+            )
+        except jinja2.TemplateError as exc:
+            raise TokenizerError(f"chat template failed: {exc}") from exc
+
+
+class IncrementalDetokenizer:
+    """Text of a growing list of ids, emitted as deltas; holds back incomplete UTF-8."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+
+    def push(self, ids: list[int]) -> str:
+        """All output ids so far -> the new text since the last call."""
+        full = self.tokenizer.decode(ids)
+        if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        delta = full[len(self.text) :] if full.startswith(self.text) else full
+        self.text = full
+        return delta
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _raise(message: str) -> None:
+    raise TokenizerError(message)
