@@ -123,8 +123,10 @@ def grouped_swiglu(
     gate, up = gate_up.split(two_i // 2, dim=-1)
     y = _grouped(F.silu(gate) * up, w2, counts)  # [N, H]
     y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(-1)
-    out = torch.zeros(T, hidden.shape[1], dtype=y.dtype, device=hidden.device)
-    out.index_add_(0, token_of, y)
+    # accumulate in fp64: the sum then rounds once, so it does not depend on how the pairs
+    # were split across shards (the router combines shard partials the same way)
+    out = torch.zeros(T, hidden.shape[1], dtype=torch.float64, device=hidden.device)
+    out.index_add_(0, token_of, y.double())
     return out.to(hidden.dtype)
 
 

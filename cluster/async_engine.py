@@ -1,0 +1,97 @@
+"""AsyncEngine: runs an Engine's step loop on a background thread and streams each request's
+outputs to an asyncio consumer. Cancelling the consumer (client disconnect) aborts the request,
+which frees its cache slot at the start of the next step."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from cluster.engine import Engine
+from cluster.requests import RequestOutput
+from workers.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's outputs as steps produce them; the last one has finished=True.
+        Raises RequestError at once for an invalid request or a full queue."""
+        rid = request_id or f"req-{next(self._ids)}"
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if rid in self._queues:
+                raise ValueError(f"request id {rid!r} is already running")
+            self._queues[rid] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            self.engine.add_request(rid, prompt_ids, params)
+            self._wake.set()
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            with self._lock:
+                self._queues.pop(rid, None)
+            if not finished:  # consumer went away (disconnect, cancel): free the slot
+                self.engine.abort(rid)
+                self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def stats(self) -> dict:
+        e = self.engine
+        s = e.stats
+        return {
+            "running": len(e.running),
+            "waiting": len(e.waiting),
+            "free_slots": e.num_free_slots,
+            "steps": s.steps,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens,
+            "finished": s.finished,
+            "errors": s.errors,
+            "step_seconds": s.step_seconds,
+        }
+
+    # ------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # the engine already failed the affected requests
+                log.exception("engine step raised")
+                continue
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            targets = [(self._queues.get(o.request_id), o) for o in outputs]
+        for target, out in targets:
+            if target is not None:
+                loop, queue = target
+                loop.call_soon_threadsafe(queue.put_nowait, out)

@@ -1,0 +1,164 @@
+"""Cluster/runtime configuration: frozen dataclasses loaded from YAML and validated.
+
+Unknown keys and bad values are rejected with a message naming the full key path
+(e.g. `experts.placement: expected one of [...]`). Per-actor variants are made with
+`dataclasses.replace`, never by mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.requests import EngineConfig
+
+PLACEMENTS = ("spread", "strict_spread", "pack")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ClusterConfigError(ValueError):
+    """A cluster YAML key is unknown or its value invalid; the message names the key path."""
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    shards: int = 2  # expert-shard actors (0 = experts local in every dense replica)
+    placement: str = "spread"  # Ray placement-group strategy for the shards
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    rpc_timeout_s: float = 30.0
+    max_message_mb: int = 256
+
+
+@dataclass(frozen=True)
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_prefill_chunk: int = 512
+    max_model_len: int = 4096
+    max_queue: int = 256
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_prefill_chunk=self.max_prefill_chunk,
+            max_model_len=self.max_model_len,
+            max_queue=self.max_queue,
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    model_name: str = ""  # served model id; default: the checkpoint directory's name
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str | None = None  # HF checkpoint dir; None = the embedded demo model
+    dtype: str = "float32"
+    ray_address: str | None = None  # join this Ray cluster; None = start a local one
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ClusterConfigError(f"config file not found: {path}") from exc
+        except yaml.YAMLError as exc:
+            raise ClusterConfigError(f"{path}: not valid YAML ({exc})") from exc
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> ClusterConfig:
+        return _build(cls, raw, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ClusterConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ClusterConfigError(f"{path}: unknown key (expected one of {sorted(fields)})")
+        kwargs[key] = _coerce(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except ClusterConfigError as exc:
+        raise ClusterConfigError(f"{prefix}{exc}") from None
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{path}.")
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t in (int, str, bool) and type(value) is t:
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ClusterConfigError(f"{path}: expected {names}, got {value!r}")
+
+
+def _validate(c: ClusterConfig) -> None:
+    rules: list[tuple[bool, str, str]] = [
+        (c.dtype in DTYPES, "dtype", f"expected one of {list(DTYPES)}"),
+        (c.experts.placement in PLACEMENTS, "experts.placement", f"expected one of {list(PLACEMENTS)}"),
+        (c.experts.shards >= 0, "experts.shards", "must be >= 0"),
+        (c.experts.num_cpus >= 0, "experts.num_cpus", "must be >= 0"),
+        (c.experts.num_gpus >= 0, "experts.num_gpus", "must be >= 0"),
+        (c.experts.rpc_timeout_s > 0, "experts.rpc_timeout_s", "must be > 0"),
+        (c.experts.max_message_mb > 0, "experts.max_message_mb", "must be > 0"),
+        (c.dense.num_cpus >= 0, "dense.num_cpus", "must be >= 0"),
+        (c.dense.autoscaling.min_replicas >= 1, "dense.autoscaling.min_replicas", "must be >= 1"),
+        (c.dense.autoscaling.max_replicas >= c.dense.autoscaling.min_replicas,
+         "dense.autoscaling.max_replicas", "must be >= min_replicas"),
+        (c.dense.autoscaling.target_ongoing_requests > 0,
+         "dense.autoscaling.target_ongoing_requests", "must be > 0"),
+        (0 <= c.server.http_port < 65536, "server.http_port", "must be a port number"),
+        (0 <= c.server.grpc_port < 65536, "server.grpc_port", "must be a port number"),
+    ]  # fmt: skip
+    for ok, key, message in rules:
+        if not ok:
+            raise ClusterConfigError(f"{key}: {message}")
+    try:
+        c.dense.engine_config()
+    except ValueError as exc:
+        raise ClusterConfigError(f"dense.{exc}") from None
