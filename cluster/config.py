@@ -140,7 +140,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
 def _validate(c: ClusterConfig) -> None:
     rules: list[tuple[bool, str, str]] = [
         (c.dtype in DTYPES, "dtype", f"expected one of {list(DTYPES)}"),
-        (c.experts.placement in PLACEMENTS, "experts.placement", f"expected one of {list(PLACEMENTS)}"),
+        (c.experts.placement in PLACEMENTS, "experts.placement",
+         f"expected one of {list(PLACEMENTS)}"),
         (c.experts.shards >= 0, "experts.shards", "must be >= 0"),
         (c.experts.num_cpus >= 0, "experts.num_cpus", "must be >= 0"),
         (c.experts.num_gpus >= 0, "experts.num_gpus", "must be >= 0"),

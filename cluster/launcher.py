@@ -66,8 +66,8 @@ class ExpertPool:
         e = config.experts
         model = ModelConfig.from_hf(model_dir)
         table = PlacementTable.contiguous(model.num_experts, e.shards)
-        pg = placement_group([_bundle(e.num_cpus, e.num_gpus)] * e.shards,
-                             strategy=STRATEGIES[e.placement], name="expertmesh-experts")  # fmt: skip
+        bundles = [_bundle(e.num_cpus, e.num_gpus)] * e.shards
+        pg = placement_group(bundles, strategy=STRATEGIES[e.placement], name="expertmesh-experts")
         try:
             ray.get(pg.ready(), timeout=schedule_timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
