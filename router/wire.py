@@ -1,0 +1,244 @@
+"""The one place where expert RPC messages become typed Python objects and back.
+
+Tensors travel as `expertmesh.v1.Tensor`: a dtype name, a shape, and the raw little-endian
+element bytes in one `bytes` field (no repeated float). Encoding is one copy
+(`tensor.numpy().tobytes()`); decoding is zero copy over the received bytes
+(`torch.frombuffer`), so decoded tensors are READ-ONLY views: never write into them
+(`.clone()` first if you must).
+
+Every decode validates: unknown dtype, byte size vs shape, ids rows vs hidden rows, weights
+shape vs ids shape, dtypes, and non-finite values all raise `WireError` with a message that
+the shard sends back verbatim as INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from router.rpc import expert_pb2 as pb
+
+# torch.frombuffer over immutable `bytes` warns "The given buffer is not writable" (once per
+# process, TORCH_WARN_ONCE). Our decoded tensors are read-only by contract (module docstring),
+# so we spend that one warning here, silenced, at import; the filter covers torch versions that
+# would warn on every call.
+_NOT_WRITABLE = "The given buffer is not writable"
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
+    torch.frombuffer(b"\0\0\0\0", dtype=torch.uint8)
+warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning, module=__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A message or tensor does not satisfy the wire contract; the message says why."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32"; raises WireError for dtypes the wire does not carry."""
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise WireError(f"dtype {dtype} cannot be sent (known: {', '.join(DTYPES)})") from None
+
+
+def parse_dtype(name: str, what: str = "tensor") -> torch.dtype:
+    """Dtype name ("float32") -> torch dtype; WireError naming `what` if unknown."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        known = ", ".join(DTYPES)
+        raise WireError(f"{what}: unknown dtype {name!r} (known: {known})") from None
+
+
+def message_options(max_message_mb: float) -> list[tuple[str, int]]:
+    """gRPC send/receive size limits; set explicitly on both server and client."""
+    limit = int(max_message_mb * 1024 * 1024)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def encode_tensor(t: torch.Tensor) -> pb.Tensor:
+    """A CPU tensor -> Tensor message (one copy of the element bytes)."""
+    t = t.detach().cpu().contiguous()
+    name = dtype_name(t.dtype)
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(dtype=name, shape=list(t.shape), data=data)
+
+
+def decode_tensor(msg: pb.Tensor, what: str = "tensor") -> torch.Tensor:
+    """Tensor message -> read-only tensor viewing the message bytes (no copy)."""
+    dtype = parse_dtype(msg.dtype, what)
+    shape = tuple(int(s) for s in msg.shape)
+    if any(s < 0 for s in shape):
+        raise WireError(f"{what}: negative dimension in shape {list(shape)}")
+    data = msg.data
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(data) != expected:
+        raise WireError(
+            f"{what}: {len(data)} bytes do not match shape {list(shape)} of {msg.dtype} "
+            f"({expected} bytes)"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).view(shape)
+
+
+@dataclass(frozen=True)
+class ExpertRequest:
+    """One shard's share of a layer-step: each routed token once, with its local expert rows.
+
+    hidden [T, H] floating; local_ids [T, K] integer shard-local rows (-1 = padding);
+    weights [T, K] float32 (0 where padded). Validated on construction.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    local_ids: torch.Tensor
+    weights: torch.Tensor
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        _check_request(self)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+@dataclass(frozen=True)
+class ExpertResponse:
+    """output [T, H]: per token, the weighted sum over the experts this shard computed."""
+
+    output: torch.Tensor
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        _check_2d_float(self.output, "output")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a shard holds; `expert_ids[r]` is the global id of local row r."""
+
+    expert_ids: tuple[int, ...]
+    layers: tuple[int, ...]
+    dtype: str
+    hidden_size: int
+    version: str
+    shard_index: int
+    ready: bool
+
+
+def _check_2d_float(t: torch.Tensor, what: str) -> None:
+    if t.dim() != 2:
+        raise WireError(f"{what} must be 2-D [T, H], got shape {list(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise WireError(f"{what} dtype {dtype_name(t.dtype)} is not floating point")
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+        return  # fast path: min/max are finite iff every value is (NaN propagates)
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise WireError(f"{what} contains non-finite values (NaN/inf), first at token {row}")
+
+
+def _check_request(req: ExpertRequest) -> None:
+    if req.layer < 0:
+        raise WireError(f"layer must be >= 0, got {req.layer}")
+    _check_2d_float(req.hidden, "hidden")
+    ids, w = req.local_ids, req.weights
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise WireError(
+            f"local_ids must be a 2-D integer tensor [T, K], got {list(ids.shape)} {ids.dtype}"
+        )
+    if ids.shape[0] != req.hidden.shape[0]:
+        raise WireError(
+            f"local_ids has {ids.shape[0]} rows but hidden has {req.hidden.shape[0]} "
+            "(one row of expert ids per token)"
+        )
+    if w.dtype != torch.float32:
+        raise WireError(f"weights dtype {w.dtype} does not match the wire's float32")
+    if tuple(w.shape) != tuple(ids.shape):
+        raise WireError(f"weights shape {list(w.shape)} != local_ids shape {list(ids.shape)}")
+    if ids.numel() and int(ids.min()) < -1:
+        raise WireError(f"local_ids contains {int(ids.min())}; rows must be >= 0 or -1 (padding)")
+    _check_finite(req.hidden, "hidden")
+    _check_finite(req.weights, "weights")
+
+
+def encode_request(req: ExpertRequest) -> pb.ComputeRequest:
+    return pb.ComputeRequest(
+        layer=req.layer,
+        hidden=encode_tensor(req.hidden),
+        local_ids=encode_tensor(req.local_ids),
+        weights=encode_tensor(req.weights),
+        request_id=req.request_id,
+    )
+
+
+def decode_request(msg: pb.ComputeRequest) -> ExpertRequest:
+    """ComputeRequest -> validated ExpertRequest (tensors view the message bytes)."""
+    return ExpertRequest(
+        layer=int(msg.layer),
+        hidden=decode_tensor(msg.hidden, "hidden"),
+        local_ids=decode_tensor(msg.local_ids, "local_ids"),
+        weights=decode_tensor(msg.weights, "weights"),
+        request_id=msg.request_id,
+    )
+
+
+def encode_response(resp: ExpertResponse) -> pb.ComputeResponse:
+    return pb.ComputeResponse(output=encode_tensor(resp.output), request_id=resp.request_id)
+
+
+def decode_response(
+    msg: pb.ComputeResponse, expect_shape: tuple[int, int] | None = None
+) -> ExpertResponse:
+    """ComputeResponse -> ExpertResponse; checks the [T, H] shape when `expect_shape` is given."""
+    resp = ExpertResponse(decode_tensor(msg.output, "output"), msg.request_id)
+    if expect_shape is not None and tuple(resp.output.shape) != tuple(expect_shape):
+        raise WireError(f"output shape {list(resp.output.shape)} != expected {list(expect_shape)}")
+    return resp
+
+
+def encode_info(info: ShardInfo) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        expert_ids=list(info.expert_ids),
+        layers=list(info.layers),
+        dtype=info.dtype,
+        hidden_size=info.hidden_size,
+        version=info.version,
+        shard_index=info.shard_index,
+        ready=info.ready,
+    )
+
+
+def decode_info(msg: pb.InfoResponse) -> ShardInfo:
+    return ShardInfo(
+        expert_ids=tuple(int(e) for e in msg.expert_ids),
+        layers=tuple(int(x) for x in msg.layers),
+        dtype=msg.dtype,
+        hidden_size=int(msg.hidden_size),
+        version=msg.version,
+        shard_index=int(msg.shard_index),
+        ready=bool(msg.ready),
+    )
