@@ -64,13 +64,18 @@ class DenseWorker:
         engine_config: EngineConfig | None = None,
         experts: ExpertBackend | None = None,
         progress: bool = False,
+        micro_batches: int | None = None,
     ) -> None:
         torch_dtype = parse_dtype(dtype)
         self.model_dir = model_dir
         self.engine_config = engine_config or EngineConfig()
         lm = load_lm(model_dir, torch_dtype, progress)
         self.experts = experts or local_experts(model_dir, torch_dtype, progress)
-        runner = ModelRunner(lm, self.experts, self.engine_config.max_num_seqs, torch_dtype)
+        if micro_batches is None:  # overlap only pays when experts are remote
+            micro_batches = 1 if isinstance(self.experts, LocalExpertBackend) else 2
+        runner = ModelRunner(
+            lm, self.experts, self.engine_config.max_num_seqs, torch_dtype, micro_batches
+        )
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = Engine(runner, self.engine_config, self.tokenizer)
 

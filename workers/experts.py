@@ -138,8 +138,13 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Te
     return _sorted_loop(x, w, counts)
 
 
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned row strides."""
+    """grouped_mm takes fp32/bf16/fp16 with 16-byte aligned row strides."""
+    if x.dtype not in _GROUPED_DTYPES:
+        return False
     item = x.element_size()
     return (x.shape[1] * item) % 16 == 0 and (w.shape[1] * item) % 16 == 0
 

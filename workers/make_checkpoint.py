@@ -26,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from workers.config import FULL, LINEAR, ModelConfig
 from workers.tokenizer_data import CORPUS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOKENIZER_VOCAB = 1024  # trained tokens + special tokens
 CHAT_TEMPLATE = (
@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "small": _SMALL}
 # Weight scales (inputs of every projection are RMS-normalised, so std 1/sqrt(fan_in) keeps
 # activations O(1)). Logits get std ~LOGIT_STD, router logits ~ROUTER_STD; dt_bias centred at
 # DT_BIAS_MEAN puts the median DeltaNet decay exp(g) near 0.9 (0 would forget every step).
-NORM_STD, LOGIT_STD, ROUTER_STD, DT_BIAS_MEAN, DT_BIAS_STD = 0.1, 3.0, 2.0, -4.0, 0.5
+NORM_STD, LOGIT_STD, ROUTER_STD, DT_BIAS_MEAN, DT_BIAS_STD = 0.1, 2.0, 2.0, -4.0, 0.5
 
 
 # ------------------------------------------------------------------------------ tokenizer

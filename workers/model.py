@@ -6,6 +6,8 @@ Parameter names equal the HF checkpoint's, so `load_state_dict` takes the loader
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
+
 import torch
 from torch import nn
 
@@ -30,12 +32,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
+    def steps(
         self, x: torch.Tensor, layout: StepLayout, cache: HybridCache, experts: ExpertBackend
-    ) -> torch.Tensor:
+    ) -> Generator[None, None, torch.Tensor]:
+        """The layer as a generator: it yields while its routed experts are in flight, so a
+        driver can run another micro-batch's dense compute meanwhile."""
         mixer = self.linear_attn if self.is_linear else self.self_attn
         x = x + mixer(self.input_layernorm(x), layout, cache)
-        return x + self.mlp(self.post_attention_layernorm(x), experts)
+        finish = self.mlp.begin(self.post_attention_layernorm(x), experts)
+        yield
+        return x + finish()
 
 
 class Backbone(nn.Module):
@@ -72,15 +78,29 @@ class Qwen3NextLM(nn.Module):
 
     def hidden_states(
         self,
+        input_ids: Sequence[torch.Tensor],
+        layouts: Sequence[StepLayout],
+        cache: HybridCache,
+        experts: ExpertBackend,
+    ) -> list[torch.Tensor]:
+        """Micro-batches (input_ids [T_i], layout_i over disjoint slots) -> final-normed hidden
+        states [T_i, H] each; advances the cache. With several micro-batches the layers run
+        ping-pong: while one waits for its experts, the next computes its dense part."""
+        runs = [
+            self._run(i, lay, cache, experts) for i, lay in zip(input_ids, layouts, strict=True)
+        ]
+        return _interleave(runs)
+
+    def _run(
+        self,
         input_ids: torch.Tensor,
         layout: StepLayout,
         cache: HybridCache,
         experts: ExpertBackend,
-    ) -> torch.Tensor:
-        """input_ids [T] -> final-normed hidden states [T, H]; advances the cache."""
+    ) -> Generator[None, None, torch.Tensor]:
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, layout, cache, experts)
+            x = yield from layer.steps(x, layout, cache, experts)
         for span in layout.spans:
             cache.lengths[span.slot] += span.length
         return self.model.norm(x)
@@ -88,3 +108,17 @@ class Qwen3NextLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[.., H] -> [.., V] in fp32."""
         return self.lm_head(hidden).float()
+
+
+def _interleave(runs: list[Generator[None, None, torch.Tensor]]) -> list[torch.Tensor]:
+    """Advance each generator in turn until all have returned; their return values in order."""
+    results: list[torch.Tensor | None] = [None] * len(runs)
+    active = list(range(len(runs)))
+    while active:
+        for i in list(active):
+            try:
+                next(runs[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results  # type: ignore[return-value]

@@ -8,6 +8,8 @@ The routed experts are not parameters of this module: they live behind `ExpertBa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +53,12 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
+        return self.begin(x, experts)()
+
+    def begin(self, x: torch.Tensor, experts: ExpertBackend) -> Callable[[], torch.Tensor]:
+        """Send the routed work, compute the shared expert meanwhile; the returned function
+        waits for the routed result and gives the block's output [T, H]."""
         ids, weights = self.gate(x)
         pending = experts.submit(self.layer, x, ids, weights)  # routed work goes out first
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return pending.result() + shared
+        return lambda: pending.result() + shared

@@ -24,11 +24,13 @@ class ModelRunner:
         experts: ExpertBackend,
         max_seqs: int = 64,
         dtype: torch.dtype = torch.float32,
+        micro_batches: int = 1,
     ) -> None:
         self.lm = lm
         self.config: ModelConfig = lm.config
         self.experts = experts
         self.cache = HybridCache(self.config, max_seqs, dtype=dtype)
+        self.micro_batches = micro_batches  # >1: ping-pong layers to hide remote expert calls
 
     def allocate(self) -> int:
         return self.cache.allocate()
@@ -42,14 +44,21 @@ class ModelRunner:
     ) -> torch.Tensor | list[torch.Tensor]:
         """[(slot, new token ids)] -> logits of each sequence's last token [B, V] (fp32), or
         with all_logits, a list of [n_i, V] for every new position."""
-        layout = StepLayout.build([(slot, len(ids)) for slot, ids in batch], self.cache)
         self._check_vocab(batch)
-        input_ids = torch.tensor([t for _, ids in batch for t in ids], dtype=torch.long)  # [T]
-        hidden = self.lm.hidden_states(input_ids, layout, self.cache, self.experts)  # [T, H]
+        parts = split_batch(batch, self.micro_batches)
+        layouts = [
+            StepLayout.build([(slot, len(ids)) for slot, ids in p], self.cache) for p in parts
+        ]
+        input_ids = [
+            torch.tensor([t for _, ids in p for t in ids], dtype=torch.long) for p in parts
+        ]
+        hiddens = self.lm.hidden_states(input_ids, layouts, self.cache, self.experts)  # [T_i, H]
         if all_logits:
-            return [self.lm.logits(hidden[s.rows]) for s in layout.spans]
-        last = torch.tensor([s.offset + s.length - 1 for s in layout.spans])
-        return self.lm.logits(hidden[last])  # [B, V]
+            pairs = zip(hiddens, layouts, strict=True)
+            return [self.lm.logits(h[s.rows]) for h, lay in pairs for s in lay.spans]
+        pairs = zip(hiddens, layouts, strict=True)
+        last = [h[[s.offset + s.length - 1 for s in lay.spans]] for h, lay in pairs]
+        return self.lm.logits(torch.cat(last))  # [B, V] in batch order
 
     def _check_vocab(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
         vocab = self.config.vocab_size
@@ -59,3 +68,19 @@ class ModelRunner:
                 raise ValueError(
                     f"slot {slot}: token id {bad[0]} outside the vocabulary [0, {vocab})"
                 )
+
+
+def split_batch(batch: Sequence[tuple[int, Sequence[int]]], parts: int) -> list[list]:
+    """Cut the batch into up to `parts` contiguous pieces of roughly equal token counts."""
+    batch = list(batch)
+    parts = max(1, min(parts, len(batch)))
+    total = sum(len(ids) for _, ids in batch)
+    pieces: list[list] = [[]]
+    seen = 0
+    for item in batch:
+        boundary = total * len(pieces) / parts
+        if pieces[-1] and seen >= boundary and len(pieces) < parts:
+            pieces.append([])
+        pieces[-1].append(item)
+        seen += len(item[1])
+    return pieces
