@@ -107,7 +107,8 @@ class ClusterConfig:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ClusterConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+        where = prefix.rstrip(".") or "config"
+        raise ClusterConfigError(f"{where}: expected a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}

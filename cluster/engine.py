@@ -73,8 +73,9 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise RequestError("invalid", "stop strings need a tokenizer; use stop_token_ids")
         request.attach_detokenizer(self.tokenizer)
-        with self._lock:
-            if self._pending + len(self.waiting) >= self.config.max_queue:
+        with self._lock:  # requests that free slots will admit at once do not queue
+            capacity = self.config.max_queue + self.runner.cache.num_free
+            if self._pending + len(self.waiting) >= capacity:
                 raise RequestError("queue_full", f"queue is full ({self.config.max_queue} waiting)")
             self._pending += 1
         self._inbox.put(("add", request))

@@ -135,7 +135,7 @@ def test_streamed_text_never_contains_a_stop_string(worker):
 
 
 def test_limits_give_clear_errors(worker):
-    e = engine(worker, max_model_len=64, max_queue=2)
+    e = engine(worker, max_model_len=64, max_queue=2, max_num_seqs=1)
     with pytest.raises(RequestError, match="exceeds the model length") as exc:
         e.add_request("long", list(range(60)), SamplingParams(max_tokens=10))
     assert exc.value.kind == "too_long"
@@ -143,10 +143,10 @@ def test_limits_give_clear_errors(worker):
         e.add_request("empty", [], GREEDY)
     with pytest.raises(RequestError, match="outside"):
         e.add_request("vocab", [10**6], GREEDY)
-    e.add_request("a", [1], GREEDY)
-    e.add_request("b", [1], GREEDY)
+    for rid in "abc":  # one free slot admits one at once; two more may wait
+        e.add_request(rid, [1], GREEDY)
     with pytest.raises(RequestError, match="queue is full") as exc:
-        e.add_request("c", [1], GREEDY)
+        e.add_request("d", [1], GREEDY)
     assert exc.value.kind == "queue_full" and exc.value.http_status == 429
     for bad in [dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(top_k=-2)]:
         with pytest.raises(SamplingError):

@@ -1,0 +1,90 @@
+"""Prometheus metrics of the HTTP front end: requests by endpoint/status, token counters,
+time-to-first-token and end-to-end latency histograms, and engine gauges per dense replica
+(refreshed from the replicas' `stats()` at scrape time)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ENGINE_GAUGES = {
+    "running": "sequences in the running batch",
+    "waiting": "requests waiting for a cache slot",
+    "free_slots": "free cache slots",
+    "max_num_seqs": "cache slots in total",
+    "steps": "engine steps run",
+    "prompt_tokens": "prompt tokens prefilled",
+    "generated_tokens": "tokens generated",
+    "finished": "requests finished (any reason)",
+    "errors": "requests failed by an engine error",
+    "step_seconds": "seconds spent in engine steps",
+}
+STALE_AFTER_S = 60.0  # forget a replica not seen for this long (scaled down or restarted)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "expertmesh_requests", "HTTP API requests", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "expertmesh_prompt_tokens", "prompt tokens of requests", registry=r
+        )
+        self.generation_tokens = Counter(
+            "expertmesh_generation_tokens", "tokens generated", registry=r
+        )
+        self.ttft = Histogram(
+            "expertmesh_time_to_first_token_seconds",
+            "request arrival to first token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "expertmesh_e2e_request_latency_seconds",
+            "request arrival to last token",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.engine = {
+            name: Gauge(f"expertmesh_engine_{name}", doc, ["replica"], registry=r)
+            for name, doc in ENGINE_GAUGES.items()
+        }
+        self._seen: dict[str, float] = {}
+
+    def request_done(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def first_token(self, endpoint: str, start: float) -> None:
+        self.ttft.labels(endpoint).observe(time.perf_counter() - start)
+
+    def finished(self, endpoint: str, start: float, prompt: int, completion: int) -> None:
+        self.e2e.labels(endpoint).observe(time.perf_counter() - start)
+        self.prompt_tokens.inc(prompt)
+        self.generation_tokens.inc(completion)
+
+    def update_engine(self, stats: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for s in stats:
+            replica = str(s.get("replica", ""))
+            self._seen[replica] = now
+            for name, gauge in self.engine.items():
+                if name in s:
+                    gauge.labels(replica).set(float(s[name]))
+        for replica, seen in list(self._seen.items()):
+            if now - seen > STALE_AFTER_S:
+                del self._seen[replica]
+                for gauge in self.engine.values():
+                    gauge.remove(replica)
+
+    @property
+    def known_replicas(self) -> int:
+        return len(self._seen)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
