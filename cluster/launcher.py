@@ -140,8 +140,10 @@ class _RemoteDenseWorker:
     """A DenseWorker whose experts are the pool's shards (built inside the actor)."""
 
     def __init__(self, model_dir: str, config: ClusterConfig) -> None:
+        from cluster.resources import pin_torch_threads
         from workers.dense_worker import DenseWorker
 
+        pin_torch_threads()
         self.worker = DenseWorker(model_dir, config.dtype, config.dense.engine_config(),
                                   experts=connect_expert_backend(config))  # fmt: skip
 

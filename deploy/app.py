@@ -41,8 +41,10 @@ class DenseReplica:
     def __init__(self, model_dir: str, config: ClusterConfig, model_name: str) -> None:
         from cluster.async_engine import AsyncEngine
         from cluster.launcher import connect_expert_backend
+        from cluster.resources import pin_torch_threads
         from workers.dense_worker import DenseWorker
 
+        pin_torch_threads()
         experts = connect_expert_backend(config)  # None: experts local (experts.shards == 0)
         self.worker = DenseWorker(model_dir, config.dtype, config.dense.engine_config(), experts)
         self.engine = AsyncEngine(self.worker.engine)

@@ -25,6 +25,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.resources import pin_torch_threads
 from router import wire
 from router.rpc import expert_pb2 as pb
 from router.rpc import expert_pb2_grpc as pb_grpc
@@ -219,7 +220,7 @@ class ExpertShardActor:
     async def _serve(self) -> None:
         import ray
 
-        _set_torch_threads(self.torch_threads)
+        pin_torch_threads(self.torch_threads)
         host = ray.util.get_node_ip_address()
         self._server, port = await start_expert_server(self.servicer, host, 0, self.max_message_mb)
         self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -281,14 +282,3 @@ def _default_version() -> str:
         return f"expertmesh {version('expertmesh')} ({WIRE_VERSION})"
     except Exception:  # not installed as a distribution (source checkout)
         return f"expertmesh dev ({WIRE_VERSION})"
-
-
-def _set_torch_threads(threads: int | None) -> None:
-    """Use the CPUs Ray assigned to this actor (or `threads`) for torch's intra-op pool."""
-    if threads is None:
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-        threads = max(1, int(cpus)) if cpus else None
-    if threads:
-        torch.set_num_threads(threads)

@@ -537,29 +537,45 @@ def test_grpc_cancel_frees_the_slot(stub):
 # ------------------------------------------------------------------- app_builder + shards
 def test_app_builder_from_config_file_with_expert_shards(served, worker, tmp_path):
     """serve.yaml's entry point: a cluster YAML with 2 expert shards (started in a detached
-    owner); remote experts give the same greedy tokens as the local worker."""
+    owner) shared by 2 data-parallel dense replicas; requests are spread over both replicas
+    and remote experts give the same greedy tokens as the local worker."""
     config = {
         "model": served.model_dir,
         "experts": {"shards": 2, "num_cpus": 0.25},
-        "dense": {"num_cpus": 0.5, "max_num_seqs": 4},
+        "dense": {"num_cpus": 0.25, "max_num_seqs": 4,
+                  "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
         "server": {"grpc_port": free_port(), "model_name": "tiny-sharded"},
-    }
+    }  # fmt: skip
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
+    body = {
+        "model": "tiny-sharded",
+        "prompt": PROMPTS[1],
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+
+    async def burst(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"{served.base_url}/sharded", timeout=120) as http:
+            return await asyncio.gather(*[http.post("/v1/completions", json=body) for _ in range(n)])
+
     try:
         serve.run(app_builder({"config": str(path)}), name="sharded", route_prefix="/sharded")
         assert pool_running()
-        body = {
-            "model": "tiny-sharded",
-            "prompt": PROMPTS[1],
-            "max_tokens": 8,
-            "temperature": 0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        r = httpx.post(f"{served.base_url}/sharded/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["token_ids"] == greedy(worker, PROMPTS[1], 8).token_ids
+        expected = greedy(worker, PROMPTS[1], 8).token_ids
+        for r in asyncio.run(burst(16)):
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == expected
+        handle = serve.get_deployment_handle("DenseReplica", "sharded")
+        finished = {}
+        for _ in range(40):  # Serve routes each stats call to some replica
+            s = handle.stats.remote().result(timeout_s=10)
+            finished[s["replica"]] = s["finished"]
+        assert len(finished) == 2, f"expected 2 dense replicas, saw {finished}"
+        assert all(n > 0 for n in finished.values()), f"a replica got no requests: {finished}"
+        assert sum(finished.values()) == 16
     finally:
         serve.delete("sharded")
         assert stop_detached_pool()
