@@ -1,0 +1,161 @@
+"""`expertmesh bench {moe,roofline,e2e}`: benchmarks on this machine (see docs/performance.md).
+
+    expertmesh bench moe                    # one MoE layer: ours vs distributed vs transformers
+    expertmesh bench roofline               # decode step vs the memory-bandwidth bound
+    expertmesh bench e2e --concurrency 64   # served requests vs transformers generate()
+
+Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from cluster.cli import UsageError
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {value!r}"
+        ) from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return out
+
+
+def _range(value: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX, got {value!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {value!r}")
+    return lo, hi
+
+
+def serve_available() -> bool:
+    return (
+        importlib.util.find_spec("ray.serve") is not None
+        and Path(__file__).resolve().parents[1].joinpath("deploy", "app.py").is_file()
+    )
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks: moe, roofline, e2e")
+    sub = p.add_subparsers(dest="bench", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", default=None, help="HF checkpoint dir (default: demo model)")
+        q.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="torch intra-op threads (default: torch's choice)",
+        )
+
+    moe = sub.add_parser("moe", help="one MoE layer at token batches 1..512")
+    common(moe)
+    moe.add_argument("--batches", type=_ints, default=[2**i for i in range(10)])
+    moe.add_argument("--shards", type=int, default=4, help="gRPC expert shards (0: skip)")
+    moe.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    moe.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    moe.add_argument("--min-time", type=float, default=0.05, help="seconds per sample burst")
+    moe.set_defaults(func=_moe)
+
+    roof = sub.add_parser("roofline", help="decode step time vs memory-bandwidth bound")
+    common(roof)
+    roof.add_argument("--batches", type=_ints, default=[1, 8, 32, 64, 128])
+    roof.add_argument("--shards", type=int, default=4, help="also decode via N shards (0: skip)")
+    roof.add_argument("--repeats", type=int, default=20, help="timed decode steps per batch")
+    roof.add_argument("--bandwidth-mb", type=int, default=1024, help="bandwidth probe size")
+    roof.set_defaults(func=_roofline)
+
+    e2e = sub.add_parser("e2e", help="C concurrent requests vs transformers generate()")
+    common(e2e)
+    e2e.add_argument("--concurrency", type=int, default=64)
+    e2e.add_argument(
+        "--mode",
+        choices=["serve", "engine"],
+        default=None,
+        help="serve: Ray Serve OpenAI API; engine: in process (default: serve "
+        "when deploy/app.py and ray.serve are importable)",
+    )
+    e2e.add_argument("--shards", type=int, default=0, help="expert shards (0: local experts)")
+    e2e.add_argument("--prompt-len", type=_range, default=(16, 512), metavar="MIN:MAX")
+    e2e.add_argument("--output-len", type=_range, default=(16, 128), metavar="MIN:MAX")
+    e2e.add_argument("--max-batched-tokens", type=int, default=512)
+    e2e.add_argument("--repeats", type=int, default=3, help="rounds, ours and hf alternating")
+    e2e.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
+    e2e.add_argument(
+        "--hf-batch",
+        type=int,
+        default=None,
+        help="transformers batch size (default: all requests in one batch)",
+    )
+    e2e.set_defaults(func=_e2e)
+    return p
+
+
+def _setup(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads: must be >= 1")
+        torch.set_num_threads(args.threads)
+    if getattr(args, "shards", 0) < 0:
+        raise UsageError("--shards: must be >= 0")
+    if args.repeats < 1:
+        raise UsageError("--repeats: must be >= 1")
+    if args.model is not None and not Path(args.model, "config.json").is_file():
+        raise UsageError(f"--model: no config.json in {args.model}")
+
+
+def _show(out_dir: str, name: str) -> None:
+    print(Path(out_dir, f"{name}.md").read_text())
+    print(f"[written to {os.path.abspath(out_dir)}/{name}.json, {name}.md]")
+
+
+def _moe(args: argparse.Namespace) -> int:
+    from cluster.bench import moe
+
+    _setup(args)
+    moe.run(args.model, args.batches, args.shards, args.repeats, args.layer, args.seed,
+            out_dir=args.out, min_time_s=args.min_time)  # fmt: skip
+    _show(args.out, "moe")
+    return 0
+
+
+def _roofline(args: argparse.Namespace) -> int:
+    from cluster.bench import roofline
+
+    _setup(args)
+    roofline.run(args.model, args.batches, args.shards, rounds=args.repeats,
+                 bandwidth_mb=args.bandwidth_mb, seed=args.seed, out_dir=args.out)  # fmt: skip
+    _show(args.out, "roofline")
+    return 0
+
+
+def _e2e(args: argparse.Namespace) -> int:
+    from cluster.bench import e2e
+
+    _setup(args)
+    if args.concurrency < 1:
+        raise UsageError("--concurrency: must be >= 1")
+    mode = args.mode or ("serve" if serve_available() else "engine")
+    if mode == "serve" and not serve_available():
+        raise UsageError("--mode serve: deploy/app.py or ray[serve] is not available")
+    e2e.run(args.model, args.concurrency, mode, args.shards, args.prompt_len, args.output_len,
+            hf=not args.no_hf, hf_batch=args.hf_batch, max_batched_tokens=args.max_batched_tokens,
+            repeats=args.repeats, seed=args.seed, out_dir=args.out)  # fmt: skip
+    _show(args.out, "e2e")
+    return 0
