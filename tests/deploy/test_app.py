@@ -559,7 +559,9 @@ def test_app_builder_from_config_file_with_expert_shards(served, worker, tmp_pat
 
     async def burst(n: int) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=f"{served.base_url}/sharded", timeout=120) as http:
-            return await asyncio.gather(*[http.post("/v1/completions", json=body) for _ in range(n)])
+            return await asyncio.gather(
+                *[http.post("/v1/completions", json=body) for _ in range(n)]
+            )
 
     try:
         serve.run(app_builder({"config": str(path)}), name="sharded", route_prefix="/sharded")
