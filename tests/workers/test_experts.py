@@ -64,3 +64,16 @@ def test_local_backend_submit_result():
     assert torch.allclose(
         be.submit(3, x, ids, w).result(), naive_experts(x, ids, w, w13, w2), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("T, grouped", [(1, False), (64, True)])
+def test_kernel_choice_by_active_experts_gives_the_same_result(T, grouped):
+    """Few active experts take the loop over experts with work, many take grouped_mm."""
+    from workers.experts import _use_grouped_mm
+
+    x, ids, w, w13, w2 = _random(E=128, T=T, K=8)
+    counts = torch.bincount(ids.flatten(), minlength=128)
+    assert _use_grouped_mm(x, w13, w2, counts) is grouped
+    assert (
+        grouped_swiglu(x, ids, w, w13, w2) - naive_experts(x, ids, w, w13, w2)
+    ).abs().max() < 1e-5
