@@ -44,7 +44,7 @@ class DenseReplica:
         from cluster.resources import pin_torch_threads
         from workers.dense_worker import DenseWorker
 
-        pin_torch_threads()
+        pin_torch_threads(reserve=1)  # one core for the replica's event loop
         experts = connect_expert_backend(config)  # None: experts local (experts.shards == 0)
         self.worker = DenseWorker(model_dir, config.dtype, config.dense.engine_config(), experts)
         self.engine = AsyncEngine(self.worker.engine)

@@ -71,8 +71,6 @@ class DenseWorker:
         self.engine_config = engine_config or EngineConfig()
         lm = load_lm(model_dir, torch_dtype, progress)
         self.experts = experts or local_experts(model_dir, torch_dtype, progress)
-        if micro_batches is None:  # overlap only pays when experts are remote
-            micro_batches = 1 if isinstance(self.experts, LocalExpertBackend) else 2
         runner = ModelRunner(
             lm, self.experts, self.engine_config.max_num_seqs, torch_dtype, micro_batches
         )

@@ -13,7 +13,7 @@ import torch
 
 from workers.cache import HybridCache, StepLayout
 from workers.config import ModelConfig
-from workers.experts import ExpertBackend
+from workers.experts import ExpertBackend, LocalExpertBackend
 from workers.model import Qwen3NextLM
 
 
@@ -24,12 +24,14 @@ class ModelRunner:
         experts: ExpertBackend,
         max_seqs: int = 64,
         dtype: torch.dtype = torch.float32,
-        micro_batches: int = 1,
+        micro_batches: int | None = None,
     ) -> None:
         self.lm = lm
         self.config: ModelConfig = lm.config
         self.experts = experts
         self.cache = HybridCache(self.config, max_seqs, dtype=dtype)
+        if micro_batches is None:  # overlap pays only when the experts are remote
+            micro_batches = 1 if isinstance(experts, LocalExpertBackend) else 2
         self.micro_batches = micro_batches  # >1: ping-pong layers to hide remote expert calls
 
     def allocate(self) -> int:

@@ -116,11 +116,15 @@ def engine_session(
     def run(w: Workload) -> Run:
         runner = ModelRunner(model.lm, backend or model.experts, max_seqs=n, dtype=DTYPE)
         engine = AsyncEngine(Engine(runner, cfg))
+        threads = torch.get_num_threads()
+        # like a dense replica: leave a core to the clients' event loop (cluster.resources)
+        torch.set_num_threads(max(1, threads - 1))
         try:
             records, start = asyncio.run(_engine_clients(engine, w))
-            return records, start, engine.stats()
+            return records, start, engine.stats() | {"torch_threads": torch.get_num_threads()}
         finally:
             engine.shutdown()
+            torch.set_num_threads(threads)
 
     with (
         expert_pool(model_dir, shards, num_cpus) if shards else contextlib.nullcontext() as backend
