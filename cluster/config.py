@@ -54,6 +54,9 @@ class DenseConfig:
     max_prefill_chunk: int = 512
     max_model_len: int = 4096
     max_queue: int = 256
+    # ping-pong micro-batches per step (2 overlaps dense compute with expert calls when the
+    # shards are on other nodes; on one small node it only adds calls)
+    micro_batches: int = 1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def engine_config(self) -> EngineConfig:
@@ -149,6 +152,7 @@ def _validate(c: ClusterConfig) -> None:
         (c.experts.rpc_timeout_s > 0, "experts.rpc_timeout_s", "must be > 0"),
         (c.experts.max_message_mb > 0, "experts.max_message_mb", "must be > 0"),
         (c.dense.num_cpus >= 0, "dense.num_cpus", "must be >= 0"),
+        (1 <= c.dense.micro_batches <= 8, "dense.micro_batches", "must be in [1, 8]"),
         (c.dense.autoscaling.min_replicas >= 1, "dense.autoscaling.min_replicas", "must be >= 1"),
         (c.dense.autoscaling.max_replicas >= c.dense.autoscaling.min_replicas,
          "dense.autoscaling.max_replicas", "must be >= min_replicas"),

@@ -144,8 +144,13 @@ class _RemoteDenseWorker:
         from workers.dense_worker import DenseWorker
 
         pin_torch_threads()
-        self.worker = DenseWorker(model_dir, config.dtype, config.dense.engine_config(),
-                                  experts=connect_expert_backend(config))  # fmt: skip
+        self.worker = DenseWorker(
+            model_dir,
+            config.dtype,
+            config.dense.engine_config(),
+            experts=connect_expert_backend(config),
+            micro_batches=config.dense.micro_batches,
+        )
 
     def generate(self, prompts, params):
         return self.worker.generate(prompts, params)

@@ -46,7 +46,13 @@ class DenseReplica:
 
         pin_torch_threads(reserve=1)  # one core for the replica's event loop
         experts = connect_expert_backend(config)  # None: experts local (experts.shards == 0)
-        self.worker = DenseWorker(model_dir, config.dtype, config.dense.engine_config(), experts)
+        self.worker = DenseWorker(
+            model_dir,
+            config.dtype,
+            config.dense.engine_config(),
+            experts,
+            micro_batches=config.dense.micro_batches,
+        )
         self.engine = AsyncEngine(self.worker.engine)
         self.model_name = model_name
         self.replica = serve.get_replica_context().replica_id.unique_id

@@ -64,7 +64,7 @@ class DenseWorker:
         engine_config: EngineConfig | None = None,
         experts: ExpertBackend | None = None,
         progress: bool = False,
-        micro_batches: int | None = None,
+        micro_batches: int = 1,
     ) -> None:
         torch_dtype = parse_dtype(dtype)
         self.model_dir = model_dir

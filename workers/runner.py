@@ -13,7 +13,7 @@ import torch
 
 from workers.cache import HybridCache, StepLayout
 from workers.config import ModelConfig
-from workers.experts import ExpertBackend, LocalExpertBackend
+from workers.experts import ExpertBackend
 from workers.model import Qwen3NextLM
 
 
@@ -24,15 +24,15 @@ class ModelRunner:
         experts: ExpertBackend,
         max_seqs: int = 64,
         dtype: torch.dtype = torch.float32,
-        micro_batches: int | None = None,
+        micro_batches: int = 1,
     ) -> None:
         self.lm = lm
         self.config: ModelConfig = lm.config
         self.experts = experts
         self.cache = HybridCache(self.config, max_seqs, dtype=dtype)
-        if micro_batches is None:  # overlap pays only when the experts are remote
-            micro_batches = 1 if isinstance(experts, LocalExpertBackend) else 2
-        self.micro_batches = micro_batches  # >1: ping-pong layers to hide remote expert calls
+        # >1: ping-pong layers so dense compute hides remote expert calls; pays when the
+        # shards run on other nodes, costs extra calls when they share this node's cores
+        self.micro_batches = micro_batches
 
     def allocate(self) -> int:
         return self.cache.allocate()

@@ -39,8 +39,13 @@ def cluster():
 
 
 def _config(model_dir: str, shards: int) -> ClusterConfig:
-    return ClusterConfig.from_dict({"model": model_dir, "experts": {
-        "shards": shards, "placement": "strict_spread", "num_cpus": 0.5}})  # fmt: skip
+    return ClusterConfig.from_dict(
+        {
+            "model": model_dir,
+            "experts": {"shards": shards, "placement": "strict_spread", "num_cpus": 0.5},
+            "dense": {"micro_batches": 2},  # the ping-pong overlap path through the actors
+        }
+    )
 
 
 def test_strict_spread_one_shard_per_node_and_generation_matches(cluster, model_dir):
