@@ -125,3 +125,21 @@ def test_text_prompt_with_tokenizer(tmp_path, capsys):
         "--json",
     )
     assert code == 0 and len(json.loads(out)["token_ids"]) <= 4
+
+
+def test_checkpoint_saved_by_transformers_without_tokenizer(tmp_path, capsys):
+    """A directory written by transformers' save_pretrained (its own config layout, no
+    tokenizer, no EOS): --prompt-ids works and greedy tokens equal transformers'."""
+    from tests.workers.hf_reference import TINY_HF, perturbed_hf_model
+
+    hf = perturbed_hf_model(TINY_HF, seed=4)
+    hf.save_pretrained(tmp_path)
+    prompt = list(range(1, 71))
+    code, out, _ = _run(capsys, "generate", "--local", "--model", str(tmp_path), "--prompt-ids",
+                        ",".join(map(str, prompt)), "--max-tokens", "12", "--json")  # fmt: skip
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert code == 0
+    assert json.loads(out)["token_ids"] == ref[0, len(prompt) :].tolist()
