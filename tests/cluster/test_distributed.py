@@ -10,6 +10,7 @@ import torch
 
 from cluster.cli import main
 from cluster.config import ClusterConfig
+from cluster.controllers import NAMESPACE, PLACEMENT_CONTROLLER
 from cluster.launcher import ExpertPool, connect_expert_backend, init_ray
 from workers.dense_worker import load_lm, local_experts
 from workers.make_checkpoint import make_checkpoint
@@ -83,6 +84,9 @@ def test_distributed_equals_local(model_dir, ray_local, local_run, shards):
     config = _config(model_dir, shards)
     pool = ExpertPool.start(model_dir, config)
     try:
+        for i in range(shards):  # every actor is named and reachable by name
+            assert ray.get(ray.get_actor(f"expert-shard-{i}", namespace=NAMESPACE).address.remote())
+        assert ray.get_actor(PLACEMENT_CONTROLLER, namespace=NAMESPACE) is not None
         remote = connect_expert_backend(config)
         counting = CountingBackend(remote, pool.table)
         lm = load_lm(model_dir, torch.float32, progress=False)
