@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.cache import HybridCache, StepLayout
+from workers.cache import HybridCache, SeqSpan, StepLayout
 from workers.config import ModelConfig
 from workers.norms import RMSNorm
 from workers.rope import PartialRope
@@ -50,11 +50,32 @@ class GatedAttention(nn.Module):
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
 
         out = torch.empty_like(q)  # [T, Hq, D]
-        for span in layout.spans:
+        if layout.decode:
+            self._decode(q, k, v, [layout.spans[i] for i in layout.decode], cache, out)
+        for i in layout.prefill:
+            span = layout.spans[i]
             keys, values = cache.kv_buffer(self.layer, span.slot).append(k[span.rows], v[span.rows])
             out[span.rows] = self._attend(q[span.rows], keys, values, span.start)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+
+    def _decode(self, q, k, v, spans: list[SeqSpan], cache: HybridCache, out) -> None:
+        """All single-token spans in one attention call over their padded caches."""
+        rows = torch.tensor([sp.offset for sp in spans])
+        cached = [cache.kv_buffer(self.layer, sp.slot).append(k[r : r + 1], v[r : r + 1])
+                  for sp, r in zip(spans, rows.tolist(), strict=True)]  # fmt: skip
+        keys, values = _pad(cached)  # [B, Lmax, Hkv, D] each
+        lengths = torch.tensor([kv[0].shape[0] for kv in cached])
+        mask = torch.arange(keys.shape[1])[None, :] < lengths[:, None]  # [B, Lmax]
+        o = F.scaled_dot_product_attention(
+            q[rows].unsqueeze(2),  # [B, Hq, 1, D]
+            keys.transpose(1, 2),  # [B, Hkv, Lmax, D]
+            values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],  # [B, 1, 1, Lmax]
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.heads != self.kv_heads,
+        )
+        out[rows] = o.squeeze(2)
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
@@ -73,3 +94,17 @@ class GatedAttention(nn.Module):
             enable_gqa=self.heads != self.kv_heads,
         )
         return o.transpose(0, 1)
+
+
+def _pad(cached: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence keys/values [L_i, Hkv, D] -> zero-padded [B, Lmax, Hkv, D] (the padding
+    must be finite: masked scores are -inf, but NaN garbage would poison the softmax)."""
+    longest = max(k.shape[0] for k, _ in cached)
+    first = cached[0][0]
+    keys = first.new_empty(len(cached), longest, *first.shape[1:])
+    values = torch.empty_like(keys)
+    for i, (k, v) in enumerate(cached):
+        n = k.shape[0]
+        keys[i, :n], values[i, :n] = k, v
+        keys[i, n:], values[i, n:] = 0, 0
+    return keys, values
