@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from cluster.requests import EngineConfig, RequestOutput
+from workers.config import COMPUTE_DTYPES
 
 
 class UsageError(Exception):
@@ -68,7 +69,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", action="store_true", help="report each token's log-probability")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES))
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     p.add_argument("--placement", default="spread", choices=["spread", "strict_spread", "pack"])
     p.set_defaults(func=_generate)

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from cluster.requests import EngineConfig
+from workers.config import COMPUTE_DTYPES
 
 PLACEMENTS = ("spread", "strict_spread", "pack")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(COMPUTE_DTYPES)
 
 
 class ClusterConfigError(ValueError):

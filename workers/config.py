@@ -13,8 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
+
+
+# compute dtypes by name (cluster YAML, CLI, actor arguments)
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """ "float32" -> torch.float32; ValueError naming the choices for anything else."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype: expected one of {list(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ import torch
 from cluster.engine import Engine
 from cluster.requests import EngineConfig, RequestOutput
 from workers.checkpoint import load_dense_weights, load_expert_weights
-from workers.config import ModelConfig
+from workers.config import ModelConfig, compute_dtype
 from workers.experts import ExpertBackend, LocalExpertBackend
 from workers.model import Qwen3NextLM
 from workers.runner import ModelRunner
@@ -24,14 +24,6 @@ from workers.sampler import SamplingParams
 from workers.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def load_lm(model_dir: str | Path, dtype: torch.dtype, progress: bool = True) -> Qwen3NextLM:
@@ -66,7 +58,7 @@ class DenseWorker:
         progress: bool = False,
         micro_batches: int = 1,
     ) -> None:
-        torch_dtype = parse_dtype(dtype)
+        torch_dtype = compute_dtype(dtype)
         self.model_dir = model_dir
         self.engine_config = engine_config or EngineConfig()
         lm = load_lm(model_dir, torch_dtype, progress)

@@ -29,6 +29,7 @@ from cluster.resources import pin_torch_threads
 from router import wire
 from router.rpc import expert_pb2 as pb
 from router.rpc import expert_pb2_grpc as pb_grpc
+from workers.config import compute_dtype
 from workers.experts import ExpertWeights
 
 SERVICE_NAME = "expertmesh.v1.ExpertShard"
@@ -202,7 +203,7 @@ class ExpertShardActor:
         self.model_dir = str(model_dir)
         self.expert_ids = tuple(int(e) for e in expert_ids)
         self.shard_index = shard_index
-        self.dtype = wire.parse_dtype(dtype, "shard dtype")
+        self.dtype = compute_dtype(dtype)
         self.layers = None if layers is None else tuple(layers)
         self.max_message_mb = max_message_mb
         self.torch_threads = torch_threads

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from workers.config import FULL, LINEAR, ModelConfig
+from workers.config import COMPUTE_DTYPES, FULL, LINEAR, ModelConfig
 from workers.tokenizer_data import CORPUS
 
 GENERATOR_VERSION = 2
@@ -40,7 +40,7 @@ _SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {k: COMPUTE_DTYPES[k] for k in ("float32", "bfloat16")}  # storage dtypes
 
 _TINY = dict(
     hidden_size=64, num_hidden_layers=4, layer_types=(LINEAR, LINEAR, LINEAR, FULL),

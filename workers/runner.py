@@ -46,7 +46,6 @@ class ModelRunner:
     ) -> torch.Tensor | list[torch.Tensor]:
         """[(slot, new token ids)] -> logits of each sequence's last token [B, V] (fp32), or
         with all_logits, a list of [n_i, V] for every new position."""
-        self._check_vocab(batch)
         parts = split_batch(batch, self.micro_batches)
         layouts = [
             StepLayout.build([(slot, len(ids)) for slot, ids in p], self.cache) for p in parts
@@ -54,6 +53,7 @@ class ModelRunner:
         input_ids = [
             torch.tensor([t for _, ids in p for t in ids], dtype=torch.long) for p in parts
         ]
+        self._check_vocab(input_ids)
         hiddens = self.lm.hidden_states(input_ids, layouts, self.cache, self.experts)  # [T_i, H]
         if all_logits:
             pairs = zip(hiddens, layouts, strict=True)
@@ -62,14 +62,13 @@ class ModelRunner:
         last = [h[[s.offset + s.length - 1 for s in lay.spans]] for h, lay in pairs]
         return self.lm.logits(torch.cat(last))  # [B, V] in batch order
 
-    def _check_vocab(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
+    def _check_vocab(self, input_ids: list[torch.Tensor]) -> None:
+        """The engine validates prompts at admission; this guards direct callers (one check)."""
+        ids = torch.cat(input_ids)
         vocab = self.config.vocab_size
-        for slot, ids in batch:
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(
-                    f"slot {slot}: token id {bad[0]} outside the vocabulary [0, {vocab})"
-                )
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise ValueError(f"token id {int(bad[0])} outside the vocabulary [0, {vocab})")
 
 
 def split_batch(batch: Sequence[tuple[int, Sequence[int]]], parts: int) -> list[list]:

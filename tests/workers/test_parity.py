@@ -104,3 +104,12 @@ def test_micro_batch_ping_pong_equals_single_batch(models, prompts):
     two = our_greedy(ModelRunner(lm, experts, max_seqs=8, micro_batches=2), prompts)
     assert one[1] == two[1]
     assert (one[2] - two[2]).abs().max().item() <= TOL
+
+
+def test_out_of_vocabulary_id_is_rejected_before_the_cache_moves(models):
+    _, lm, experts = models
+    runner = ModelRunner(lm, experts, max_seqs=1)
+    slot = runner.allocate()
+    with pytest.raises(ValueError, match="token id 300 outside"):
+        runner.step([(slot, [1, 2, TINY_HF["vocab_size"]])])
+    assert runner.cache.lengths[slot] == 0
