@@ -36,7 +36,16 @@ def init_ray(address: str | None, min_cpus: float = 0.0) -> None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         return
     cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-    ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cpus, namespace=NAMESPACE, include_dashboard=False,
+                     log_to_driver=False)  # fmt: skip
+            return
+        except Exception as exc:  # Ray raises a bare Exception when its raylet never registers
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            log.warning("local Ray did not start (%s); retrying once", exc)
+            ray.shutdown()
 
 
 def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:

@@ -18,6 +18,7 @@ from openai import AsyncOpenAI, OpenAI
 from ray import serve
 
 from cluster.config import ClusterConfig
+from cluster.launcher import init_ray
 from cluster.requests import EngineConfig
 from deploy.app import app_builder, build_app
 from deploy.bootstrap import pool_running, stop_detached_pool
@@ -51,7 +52,7 @@ def served(tmp_path_factory):
             "server": {"http_port": http_port, "grpc_port": grpc_port, "model_name": MODEL},
         }
     )
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(None, min_cpus=4)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(build_app(config, model_dir), name=APP, blocking=False)

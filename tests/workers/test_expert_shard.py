@@ -219,7 +219,9 @@ def test_expert_shard_actor_on_ray(tmp_path) -> None:
     table = PlacementTable.contiguous(config.num_experts, 2)
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from cluster.launcher import init_ray
+
+        init_ray(None, min_cpus=2)
     try:
         actor = ray.remote(ExpertShardActor).options(num_cpus=0.5)
         shards = [
