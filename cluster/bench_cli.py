@@ -10,7 +10,6 @@ Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markd
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,6 @@ def _range(value: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= MAX, got {value!r}")
     return lo, hi
-
-
-def serve_available() -> bool:
-    return (
-        importlib.util.find_spec("ray.serve") is not None
-        and Path(__file__).resolve().parents[1].joinpath("deploy", "app.py").is_file()
-    )
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -151,11 +143,13 @@ def _e2e(args: argparse.Namespace) -> int:
     _setup(args)
     if args.concurrency < 1:
         raise UsageError("--concurrency: must be >= 1")
-    mode = args.mode or ("serve" if serve_available() else "engine")
-    if mode == "serve" and not serve_available():
-        raise UsageError("--mode serve: deploy/app.py or ray[serve] is not available")
+    builder = getattr(args, "serve_app_builder", None)
+    mode = args.mode or ("serve" if builder is not None else "engine")
+    if mode == "serve" and builder is None:
+        raise UsageError("--mode serve: run it through the `expertmesh` command (deploy/)")
     e2e.run(args.model, args.concurrency, mode, args.shards, args.prompt_len, args.output_len,
             hf=not args.no_hf, hf_batch=args.hf_batch, max_batched_tokens=args.max_batched_tokens,
-            repeats=args.repeats, seed=args.seed, out_dir=args.out)  # fmt: skip
+            repeats=args.repeats, seed=args.seed, out_dir=args.out,
+            serve_app_builder=builder)  # fmt: skip
     _show(args.out, "e2e")
     return 0

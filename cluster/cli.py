@@ -6,18 +6,26 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from cluster.requests import EngineConfig, RequestOutput
 from workers.config import COMPUTE_DTYPES
+from workers.requests import EngineConfig, RequestOutput
 
 
 class UsageError(Exception):
     """Bad command-line arguments (exit code 2)."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None,
+    plugins: Sequence[Callable[[Any], Any]] = (),
+    defaults: dict[str, Any] | None = None,
+) -> int:
+    """Run the CLI. `plugins` add subcommands of the layers above (deploy/ adds `serve`);
+    `defaults` are set on the parsed arguments (deploy/ injects its Serve app builder)."""
+    parser = build_parser(plugins)
+    parser.set_defaults(**(defaults or {}))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -33,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: Sequence[Callable[[Any], Any]] = ()) -> argparse.ArgumentParser:
     from workers.make_checkpoint import add_cli as add_make_checkpoint
 
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__)
@@ -41,12 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_checkpoint(sub)
     _add_generate(sub)
-    for module in ("cluster.serve_cli", "cluster.bench_cli"):
-        try:
-            __import__(module, fromlist=["add_cli"]).add_cli(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    from cluster.bench_cli import add_cli as add_bench
+
+    for add in plugins:
+        add(sub)
+    add_bench(sub)
     return parser
 
 

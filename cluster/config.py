@@ -7,6 +7,7 @@ Unknown keys and bad values are rejected with a message naming the full key path
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -16,9 +17,10 @@ from typing import Any
 
 import yaml
 
-from cluster.requests import EngineConfig
 from workers.config import COMPUTE_DTYPES
+from workers.requests import EngineConfig
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository (relative config paths)
 PLACEMENTS = ("spread", "strict_spread", "pack")
 DTYPES = tuple(COMPUTE_DTYPES)
 
@@ -169,3 +171,26 @@ def _validate(c: ClusterConfig) -> None:
         c.dense.engine_config()
     except ValueError as exc:
         raise ClusterConfigError(f"dense.{exc}") from None
+
+
+def load_config(args: dict[str, Any]) -> ClusterConfig:
+    """args: optional `config` (cluster YAML path; relative to the cwd or the repo root) and
+    inline overrides of any config keys (nested mappings are merged)."""
+    overrides = {k: v for k, v in (args or {}).items() if k != "config"}
+    raw: dict[str, Any] = {}
+    if args and args.get("config"):
+        path = Path(args["config"])
+        if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+            path = ROOT / path
+        raw = ClusterConfig.from_yaml(path).to_dict()
+    return ClusterConfig.from_dict(_merge(raw, overrides))
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

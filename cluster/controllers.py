@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.placement import PlacementError, PlacementTable
+from router.placement import PlacementError, PlacementTable
 
 NAMESPACE = "expertmesh"
 PLACEMENT_CONTROLLER = "expertmesh-placement"

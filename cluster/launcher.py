@@ -15,7 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.controllers import NAMESPACE, PLACEMENT_CONTROLLER, PlacementController
-from cluster.placement import PlacementHandle, PlacementTable
+from router.placement import PlacementHandle, PlacementTable
 from workers.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ class _RemoteDenseWorker:
     """A DenseWorker whose experts are the pool's shards (built inside the actor)."""
 
     def __init__(self, model_dir: str, config: ClusterConfig) -> None:
-        from cluster.resources import pin_torch_threads
         from workers.dense_worker import DenseWorker
+        from workers.resources import pin_torch_threads
 
         pin_torch_threads()
         self.worker = DenseWorker(

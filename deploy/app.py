@@ -20,13 +20,13 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from cluster.config import ClusterConfig
-from cluster.requests import RequestError, RequestOutput
 from deploy.bootstrap import ensure_expert_pool, load_config, resolve_model, served_model_name
 from deploy.frontend import Frontend
 from deploy.metrics import Metrics
 from deploy.openai_api import ChatCompletionRequest, CompletionRequest, error_body, parse_request
 from deploy.openai_format import SSE_DONE, ChatFormat, CompletionFormat, sse
 from deploy.params import InvalidParam, ModelInfo, StreamError, prompt_ids, sampling_params
+from workers.requests import RequestError, RequestOutput
 from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,10 @@ class DenseReplica:
     """One dense model + continuous-batching engine; streams RequestOutput deltas."""
 
     def __init__(self, model_dir: str, config: ClusterConfig, model_name: str) -> None:
-        from cluster.async_engine import AsyncEngine
         from cluster.launcher import connect_expert_backend
-        from cluster.resources import pin_torch_threads
+        from workers.async_engine import AsyncEngine
         from workers.dense_worker import DenseWorker
+        from workers.resources import pin_torch_threads
 
         pin_torch_threads(reserve=1)  # one core for the replica's event loop
         experts = connect_expert_backend(config)  # None: experts local (experts.shards == 0)

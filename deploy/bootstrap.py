@@ -7,42 +7,16 @@ serve`) is reused."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import ray
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, load_config  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 OWNER_NAME = "expertmesh-pool-owner"
-
-
-def load_config(args: dict[str, Any]) -> ClusterConfig:
-    """args: optional `config` (cluster YAML path; relative to the cwd or the repo root) and
-    inline overrides of any config keys (nested mappings are merged)."""
-    overrides = {k: v for k, v in (args or {}).items() if k != "config"}
-    raw: dict[str, Any] = {}
-    if args and args.get("config"):
-        path = Path(args["config"])
-        if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
-            path = ROOT / path
-        raw = ClusterConfig.from_yaml(path).to_dict()
-    return ClusterConfig.from_dict(_merge(raw, overrides))
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 DEMO_MODEL_NAME = "expertmesh-demo"

@@ -18,9 +18,9 @@ from ray.serve.exceptions import (
     ReplicaUnavailableError,
 )
 
-from cluster.requests import RequestError, RequestOutput
 from deploy.params import InvalidParam, ModelInfo, StreamError
 from workers.dense_worker import load_tokenizer
+from workers.requests import RequestError, RequestOutput
 from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.requests import RequestError, RequestOutput
 from deploy.frontend import Frontend
 from deploy.params import DEFAULT_MAX_TOKENS, InvalidParam, prompt_ids, sampling_params
 from router.rpc import generate_pb2, generate_pb2_grpc
+from workers.requests import RequestError, RequestOutput
 from workers.sampler import SamplingParams
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name

@@ -9,8 +9,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.requests import RequestError
 from deploy.params import DEFAULT_MAX_TOKENS, InvalidParam
+from workers.requests import RequestError
 
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -8,9 +8,9 @@ import json
 import time
 from typing import Any
 
-from cluster.requests import RequestOutput
 from deploy.openai_api import ChatCompletionRequest, CompletionRequest
 from deploy.params import token_strings
+from workers.requests import RequestOutput
 from workers.tokenizer import TextTokenizer
 
 SSE_DONE = b"data: [DONE]\n\n"

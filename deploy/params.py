@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.requests import RequestError
+from workers.requests import RequestError
 from workers.sampler import SamplingError, SamplingParams
 from workers.tokenizer import TextTokenizer, TokenizerError
 

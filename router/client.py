@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 import torch
 
-from cluster.placement import PlacementHandle, PlacementTable
 from router import wire
+from router.placement import PlacementHandle, PlacementTable
 from router.rpc import expert_pb2 as pb
 from router.rpc import expert_pb2_grpc as pb_grpc
 from workers.experts import DoneHandle, UnknownExpertError

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from cluster.engine import Engine
-from cluster.requests import EngineConfig, RequestOutput
 from workers.checkpoint import load_dense_weights, load_expert_weights
 from workers.config import ModelConfig, compute_dtype
+from workers.engine import Engine
 from workers.experts import ExpertBackend, LocalExpertBackend
 from workers.model import Qwen3NextLM
+from workers.requests import EngineConfig, RequestOutput
 from workers.runner import ModelRunner
 from workers.sampler import SamplingParams
 from workers.tokenizer import TextTokenizer, TokenizerError

@@ -25,12 +25,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.resources import pin_torch_threads
 from router import wire
 from router.rpc import expert_pb2 as pb
 from router.rpc import expert_pb2_grpc as pb_grpc
 from workers.config import compute_dtype
 from workers.experts import ExpertWeights
+from workers.resources import pin_torch_threads
 
 SERVICE_NAME = "expertmesh.v1.ExpertShard"
 WIRE_VERSION = "expertmesh.v1"

@@ -2,7 +2,7 @@
 
 Shape legend: T tokens in the step, B sequences, V vocab.
 It owns the dense model, the hybrid cache and an expert backend; it knows nothing about
-requests or scheduling (cluster/engine.py does that) nor about where experts live.
+requests or scheduling (workers/engine.py does that) nor about where experts live.
 """
 
 from __future__ import annotations

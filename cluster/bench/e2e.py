@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -104,9 +105,9 @@ def engine_session(
     model_dir: Path, n: int, shards: int, max_batched_tokens: int, num_cpus: float = 0.25
 ) -> Iterator[Callable[[Workload], Run]]:
     """Yields run(workload): a fresh Engine (new cache) over one loaded model per call."""
-    from cluster.async_engine import AsyncEngine
-    from cluster.engine import Engine
-    from cluster.requests import EngineConfig
+    from workers.async_engine import AsyncEngine
+    from workers.engine import Engine
+    from workers.requests import EngineConfig
     from workers.runner import ModelRunner
 
     model = load_model(model_dir)
@@ -117,7 +118,7 @@ def engine_session(
         runner = ModelRunner(model.lm, backend or model.experts, max_seqs=n, dtype=DTYPE)
         engine = AsyncEngine(Engine(runner, cfg))
         threads = torch.get_num_threads()
-        # like a dense replica: leave a core to the clients' event loop (cluster.resources)
+        # like a dense replica: leave a core to the clients' event loop (workers.resources)
         torch.set_num_threads(max(1, threads - 1))
         try:
             records, start = asyncio.run(_engine_clients(engine, w))
@@ -168,15 +169,22 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serve_session(
-    model_dir: Path, n: int, shards: int, max_batched_tokens: int, num_cpus: float = 0.25
+    model_dir: Path,
+    n: int,
+    shards: int,
+    max_batched_tokens: int,
+    num_cpus: float = 0.25,
+    *,
+    build_app: Callable[[Any, str], Any],
 ) -> Iterator[Callable[[Workload], Run]]:
-    """Starts Ray, the expert pool (shards > 0) and the Serve app; yields run(workload)."""
+    """Starts Ray, the expert pool (shards > 0) and the Serve app (`build_app(config,
+    model_dir)`, injected by deploy/); yields run(workload)."""
     import httpx
     import ray
     from ray import serve
 
+    from cluster.config import load_config
     from cluster.launcher import ExpertPool, init_ray
-    from deploy.app import build_app, load_config
 
     http = _free_port()
     config = load_config({
@@ -266,6 +274,7 @@ def run(
     seed: int = 0,
     out_dir: str | Path = "bench-out",
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    serve_app_builder: Callable[[Any, str], Any] | None = None,
 ) -> dict[str, Any]:
     """`repeats` rounds, ours and transformers alternating first; medians of the rounds."""
     from workers.config import ModelConfig
@@ -275,7 +284,12 @@ def run(
                       ModelConfig.from_hf(model_dir).vocab_size, seed)  # fmt: skip
     load_start = os.getloadavg()[0]
     log(f"{mode} mode, {shards} expert shards; workload {w.describe()}")
-    session = serve_session if mode == "serve" else engine_session
+    if mode == "serve":
+        if serve_app_builder is None:
+            raise ValueError("serve mode needs the Serve app builder (deploy.app.build_app)")
+        session = functools.partial(serve_session, build_app=serve_app_builder)
+    else:
+        session = engine_session
     ours_runs: list[dict[str, Any]] = []
     hf_runs: list[dict[str, Any]] = []
     agreement = []

@@ -154,9 +154,11 @@ def test_moe_and_roofline_distributed(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_e2e_through_serve(tiny, tmp_path):
-    pytest.importorskip("deploy.app")
+    from deploy.app import build_app
+
     e2e.run(tiny, concurrency=2, mode="serve", prompt_range=(4, 12), output_range=(2, 4),
-            hf=False, repeats=1, out_dir=tmp_path, log=lambda m: None)  # fmt: skip
+            hf=False, repeats=1, out_dir=tmp_path, log=lambda m: None,
+            serve_app_builder=build_app)  # fmt: skip
     data = _load(tmp_path / "e2e.json")
     assert data["ours"]["mode"] == "serve" and "transformers" not in data
     assert data["ours"]["output_tokens"] == data["workload"]["output_tokens"]

@@ -19,13 +19,13 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.launcher import init_ray
-from cluster.requests import EngineConfig
 from deploy.app import app_builder, build_app
 from deploy.bootstrap import pool_running, stop_detached_pool
 from router.rpc import generate_pb2, generate_pb2_grpc
 from tests.deploy.helpers import free_port, wait_until
 from workers.dense_worker import DenseWorker
 from workers.make_checkpoint import make_checkpoint
+from workers.requests import EngineConfig
 from workers.sampler import SamplingParams
 
 APP, MODEL = "test", "tiny"

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from cluster.requests import RequestError, RequestOutput
 from deploy.openai_api import ChatCompletionRequest, CompletionRequest, error_body, parse_request
 from deploy.openai_format import ChatFormat, CompletionFormat, sse
 from deploy.params import InvalidParam, prompt_ids, sampling_params
 from workers.dense_worker import load_tokenizer
 from workers.make_checkpoint import make_checkpoint
+from workers.requests import RequestError, RequestOutput
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from cluster.cli import main
+from deploy.cli import main
 from tests.deploy.helpers import free_port, wait_until
 from workers.make_checkpoint import make_checkpoint
 
@@ -115,7 +115,7 @@ def test_expertmesh_serve_subprocess(tiny, tmp_path):
     argv = [
         sys.executable,
         "-m",
-        "cluster.cli",
+        "deploy.cli",
         "serve",
         "--config",
         str(config),

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from cluster.placement import PlacementHandle, PlacementTable
 from router.client import ExpertRPCError, RemoteExpertBackend
+from router.placement import PlacementHandle, PlacementTable
 from workers.expert_shard import start_expert_server
 from workers.experts import ExpertWeights, LocalExpertBackend
 

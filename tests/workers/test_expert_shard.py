@@ -207,8 +207,8 @@ def test_health_is_answered_while_computing() -> None:
 def test_expert_shard_actor_on_ray(tmp_path) -> None:
     """Two ExpertShardActors load their experts from a checkpoint; the router matches local."""
     ray = pytest.importorskip("ray")
-    from cluster.placement import PlacementTable
     from router.client import RemoteExpertBackend
+    from router.placement import PlacementTable
     from workers.checkpoint import load_expert_weights
     from workers.config import ModelConfig
     from workers.experts import LocalExpertBackend

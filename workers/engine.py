@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.requests import EngineConfig, Request, RequestError, RequestOutput
+from workers.requests import EngineConfig, Request, RequestError, RequestOutput
 from workers.runner import ModelRunner
 from workers.sampler import SamplingParams, sample
 from workers.tokenizer import TextTokenizer

@@ -46,7 +46,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 def serve_config(args: argparse.Namespace) -> ClusterConfig:
     """--config file (or the defaults) with the command-line overrides applied."""
-    from deploy.bootstrap import load_config
+    from cluster.config import load_config
 
     overrides: dict[str, Any] = {}
     if args.model is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine import Engine
-from cluster.requests import EngineConfig, RequestError
 from workers.dense_worker import DenseWorker
+from workers.engine import Engine
 from workers.make_checkpoint import make_checkpoint
+from workers.requests import EngineConfig, RequestError
 from workers.sampler import SamplingError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

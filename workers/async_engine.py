@@ -10,8 +10,8 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from cluster.engine import Engine
-from cluster.requests import RequestOutput
+from workers.engine import Engine
+from workers.requests import RequestOutput
 from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)

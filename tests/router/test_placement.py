@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from cluster.placement import PlacementError, PlacementHandle, PlacementTable
+from router.placement import PlacementError, PlacementHandle, PlacementTable
 
 
 @pytest.mark.parametrize("shards", range(1, 8))
