@@ -26,7 +26,7 @@ from deploy.metrics import Metrics
 from deploy.openai_api import ChatCompletionRequest, CompletionRequest, error_body, parse_request
 from deploy.openai_format import SSE_DONE, ChatFormat, CompletionFormat, sse
 from deploy.params import InvalidParam, ModelInfo, StreamError, prompt_ids, sampling_params
-from workers.requests import RequestError, RequestOutput
+from workers.requests import RequestError, RequestOutput, ResumeState
 from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,16 @@ class DenseReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        resume: ResumeState | None = None,
     ) -> AsyncIterator[RequestOutput | StreamError]:
         """Call with handle.options(stream=True). Rejections come as one StreamError; closing
-        or cancelling the call aborts the request and frees its cache slot."""
-        stream = self.engine.generate(prompt_ids, params, request_id)
+        or cancelling the call aborts the request and frees its cache slot. `resume` continues
+        a request after the output its client already has (another replica's, before it died)."""
+        stream = self.engine.generate(prompt_ids, params, request_id, resume)
         try:
             async for out in stream:
                 yield out

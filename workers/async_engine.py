@@ -11,7 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 
 from workers.engine import Engine
-from workers.requests import RequestOutput
+from workers.requests import RequestOutput, ResumeState
 from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,15 @@ class AsyncEngine:
         self._thread.start()
 
     async def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        resume: ResumeState | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield this request's outputs as steps produce them; the last one has finished=True.
-        Raises RequestError at once for an invalid request or a full queue."""
+        Raises RequestError at once for an invalid request or a full queue. With `resume`,
+        continue after the output the client already has (see Engine.add_request)."""
         rid = request_id or f"req-{next(self._ids)}"
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         with self._lock:
@@ -41,7 +46,7 @@ class AsyncEngine:
             self._queues[rid] = (asyncio.get_running_loop(), queue)
         finished = False
         try:
-            self.engine.add_request(rid, prompt_ids, params)
+            self.engine.add_request(rid, prompt_ids, params, resume)
             self._wake.set()
             while not finished:
                 out = await queue.get()

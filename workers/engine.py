@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.requests import EngineConfig, Request, RequestError, RequestOutput
+from workers.requests import EngineConfig, Request, RequestError, RequestOutput, ResumeState
 from workers.runner import ModelRunner
 from workers.sampler import SamplingParams, sample
 from workers.tokenizer import TextTokenizer
@@ -33,6 +33,7 @@ class Work:
     request: Request
     tokens: list[int]
     sample: bool
+    decode: bool = False
 
 
 @dataclass
@@ -66,13 +67,21 @@ class Engine:
 
     # ------------------------------------------------------------ requests in
     def add_request(
-        self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        resume: ResumeState | None = None,
     ) -> None:
-        """Validate and queue a request; raises RequestError (kind names the HTTP/gRPC status)."""
-        request = Request.create(request_id, prompt_ids, params, self.config, self.runner.config)
+        """Validate and queue a request; raises RequestError (kind names the HTTP/gRPC status).
+        With `resume`, the request continues after the output a client already has."""
+        model = self.runner.config
+        request = Request.create(request_id, prompt_ids, params, self.config, model)
         if params.stop and self.tokenizer is None:
             raise RequestError("invalid", "stop strings need a tokenizer; use stop_token_ids")
         request.attach_detokenizer(self.tokenizer)
+        if resume is not None:
+            request.resume(resume, self.eos_ids, model.vocab_size)
         with self._lock:  # requests that free slots will admit at once do not queue
             capacity = self.config.max_queue + self.runner.cache.num_free
             if self._pending + len(self.waiting) >= capacity:
@@ -110,11 +119,11 @@ class Engine:
         budget = self.config.max_num_batched_tokens
         work: list[Work] = []
         for req in self.running:  # decodes first: one token each
-            if req.prefill_done and budget > 0:
-                work.append(Work(req, [req.output_ids[-1]], True))
+            if req.num_pending == 1 and budget > 0:
+                work.append(Work(req, req.next_tokens(1), True, decode=bool(req.output_ids)))
                 budget -= 1
         for req in self.running:  # then continue partial prefills
-            if not req.prefill_done and budget > 0:
+            if req.num_pending > 1 and budget > 0:
                 budget -= self._add_prefill(req, budget, work)
         while self.waiting and budget > 0 and self._can_admit():
             req = self.waiting.popleft()
@@ -127,7 +136,7 @@ class Engine:
         """Forward the step; logits [B, V] of the sampling requests (in `work` order)."""
         logits = self.runner.step([(w.request.slot, w.tokens) for w in work])
         for w in work:
-            w.request.num_computed += len(w.tokens) if not w.request.prefill_done else 0
+            w.request.num_computed += len(w.tokens)
         keep = torch.tensor([i for i, w in enumerate(work) if w.sample], dtype=torch.long)
         return logits[keep]
 
@@ -136,7 +145,7 @@ class Engine:
         if not sampled:
             return []
         params = [r.params for r in sampled]
-        tokens, logprobs = sample(logits, params, [r.generator for r in sampled])
+        tokens, logprobs = sample(logits, params, [r.generator() for r in sampled])
         outputs = []
         for req, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
             reason = req.append_token(token, logprob, self.eos_ids, self.config.max_model_len)
@@ -148,10 +157,8 @@ class Engine:
 
     # ----------------------------------------------------------------- helpers
     def _add_prefill(self, req: Request, budget: int, work: list[Work]) -> int:
-        start = req.num_computed
-        chunk = req.prompt_ids[start : start + min(budget, self.config.max_prefill_chunk)]
-        done = start + len(chunk) == len(req.prompt_ids)
-        work.append(Work(req, list(chunk), done))
+        chunk = req.next_tokens(min(budget, self.config.max_prefill_chunk))
+        work.append(Work(req, chunk, len(chunk) == req.num_pending))
         return len(chunk)
 
     def _can_admit(self) -> bool:
@@ -193,7 +200,7 @@ class Engine:
         s = self.stats
         s.steps += 1
         s.step_seconds += seconds
-        decode = sum(1 for w in work if w.request.prefill_done and len(w.tokens) == 1)
+        decode = sum(1 for w in work if w.decode)
         s.prompt_tokens += sum(len(w.tokens) for w in work) - decode
         s.generated_tokens += sum(1 for w in work if w.sample)
         s.last_batch = {"sequences": len(work), "tokens": sum(len(w.tokens) for w in work)}

@@ -1,8 +1,16 @@
-"""Request-level types of the engine: limits, per-request state, streamed outputs, errors."""
+"""Request-level types of the engine: limits, per-request state, streamed outputs, errors.
+
+A request's tokens are `all_ids` = prompt + output; the cache holds the first `num_computed`.
+Every step feeds a piece of the rest and samples when the piece reaches the end, so a fresh
+request, a decode, and a request resumed from its tokens (`ResumeState`: after a preemption
+or on another replica) are one path. Sampling randomness is a function of (seed, output
+position), so a resumed request draws exactly what the original would have drawn.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +19,8 @@ import torch
 from workers.config import ModelConfig
 from workers.sampler import SamplingParams
 from workers.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+_MASK64 = (1 << 64) - 1
 
 # RequestError.kind -> HTTP status; the gRPC front end maps the same kinds to status codes.
 HTTP_STATUS = {"invalid": 400, "too_long": 400, "not_found": 404, "queue_full": 429,
@@ -43,6 +53,16 @@ class EngineConfig:
                 raise ValueError(f"{f.name}: expected a positive integer, got {value!r}")
 
 
+@dataclass(frozen=True)
+class ResumeState:
+    """What a client already has of a request: its output tokens (and their logprobs) and how
+    many characters of text were sent. Resuming prefills prompt + output_ids and continues."""
+
+    output_ids: tuple[int, ...]
+    output_logprobs: tuple[float, ...] = ()
+    sent_text_chars: int = 0
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for a request (deltas), or, merged, the whole result."""
@@ -56,6 +76,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    index: int = 0  # choice index (n > 1)
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         return dataclasses.replace(
@@ -71,9 +92,10 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int  # params.seed, or a random one drawn at creation (so preemption resumes exactly)
     slot: int | None = None
-    num_computed: int = 0  # prompt tokens already in the cache
+    num_computed: int = 0  # tokens of all_ids already in the cache
+    all_ids: list[int] = field(default_factory=list)  # prompt + output
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
@@ -93,9 +115,7 @@ class Request:
         prompt = list(prompt_ids)
         if not prompt:
             raise RequestError("invalid", "prompt is empty")
-        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < model.vocab_size]
-        if bad:
-            raise RequestError("invalid", f"token id {bad[0]!r} is outside [0, {model.vocab_size})")
+        _check_vocab(prompt, model.vocab_size, "token id")
         max_len = min(limits.max_model_len, model.max_position_embeddings)
         if len(prompt) + params.max_tokens > max_len:
             raise RequestError(
@@ -103,14 +123,61 @@ class Request:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model length of {max_len} tokens",
             )
-        return cls(request_id, prompt, params, params.generator())
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return cls(request_id, prompt, params, seed, all_ids=list(prompt))
 
     def attach_detokenizer(self, tokenizer: TextTokenizer | None) -> None:
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
 
+    # ---------------------------------------------------------------- resume
+    def resume(self, state: ResumeState, eos_ids: frozenset[int], vocab_size: int) -> None:
+        """Take the output a client already has: replay it through the detokenizer (and later
+        the sampling state) without re-sending it; the next step prefills prompt + output."""
+        ids, logprobs = list(state.output_ids), list(state.output_logprobs)
+        _check_vocab(ids, vocab_size, "resume.output_ids: token id")
+        if logprobs and len(logprobs) != len(ids):
+            raise RequestError(
+                "invalid",
+                f"resume.output_logprobs: {len(logprobs)} values for {len(ids)} output tokens",
+            )
+        if len(ids) >= self.params.max_tokens:
+            raise RequestError(
+                "invalid",
+                f"resume.output_ids: {len(ids)} tokens already reach max_tokens "
+                f"({self.params.max_tokens})",
+            )
+        ended = [t for t in ids if t in self.params.stop_token_ids or self._is_eos(t, eos_ids)]
+        if ended:
+            raise RequestError("invalid", f"resume.output_ids: already ended by token {ended[0]}")
+        self.output_ids, self.output_logprobs = ids, logprobs or [0.0] * len(ids)
+        self.all_ids = self.prompt_ids + ids
+        if self.detok is not None:
+            self.text = self.detok.replay(ids)
+            if any(stop in self.text for stop in self.params.stop):
+                raise RequestError("invalid", "resume.output_ids: text already holds a stop string")
+        if not 0 <= state.sent_text_chars <= len(self.text):
+            raise RequestError(
+                "invalid",
+                f"resume.sent_text_chars: {state.sent_text_chars} is outside [0, "
+                f"{len(self.text)}] (the text of output_ids)",
+            )
+        self._sent_tokens, self._sent_chars = len(ids), state.sent_text_chars
+
+    # ------------------------------------------------------------------ steps
     @property
-    def prefill_done(self) -> bool:
-        return self.num_computed >= len(self.prompt_ids)
+    def num_pending(self) -> int:
+        """Tokens not yet in the cache: the prompt (or prompt + output after a preemption or
+        a resume) while prefilling, 1 while decoding."""
+        return len(self.all_ids) - self.num_computed
+
+    def next_tokens(self, budget: int) -> list[int]:
+        return self.all_ids[self.num_computed : self.num_computed + budget]
+
+    def generator(self) -> torch.Generator | None:
+        """The RNG of the token at the current output position (None for greedy)."""
+        if self.params.greedy:
+            return None
+        return torch.Generator().manual_seed(position_seed(self.seed, len(self.output_ids)))
 
     def append_token(
         self, token: int, logprob: float, eos_ids: frozenset[int], max_model_len: int
@@ -118,6 +185,7 @@ class Request:
         """Record a sampled token; return the finish reason if the request is done."""
         self.output_ids.append(token)
         self.output_logprobs.append(logprob)
+        self.all_ids.append(token)
         p = self.params
         if self.detok is not None:
             self.text += self.detok.push(self.output_ids)
@@ -126,14 +194,18 @@ class Request:
                 if cut >= 0:
                     self.text = self.text[:cut]
                     return "stop"
-        if token in p.stop_token_ids or (token in eos_ids and not p.ignore_eos):
+        if token in p.stop_token_ids or self._is_eos(token, eos_ids):
             return "stop"
         if len(self.output_ids) >= p.max_tokens:
             return "length"
-        if len(self.prompt_ids) + len(self.output_ids) >= max_model_len:
+        if len(self.all_ids) >= max_model_len:
             return "length"
         return None
 
+    def _is_eos(self, token: int, eos_ids: frozenset[int]) -> bool:
+        return token in eos_ids and not self.params.ignore_eos
+
+    # ---------------------------------------------------------------- outputs
     def take_output(self, finished: bool = False) -> RequestOutput:
         """The tokens and text not yet reported (text that may start a stop string is held)."""
         hold = 0 if finished else max((len(s) - 1 for s in self.params.stop), default=0)
@@ -153,3 +225,22 @@ class Request:
         out = self.take_output(finished=True)
         out.finished, out.finish_reason, out.error = True, reason, error
         return out
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit RNG seed for output position `position` of a request seeded with `seed`
+    (splitmix64 of both), so any replica draws the same token at the same position."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ position)
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _check_vocab(ids: list[int], vocab_size: int, what: str) -> None:
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError("invalid", f"{what} {bad[0]!r} is outside [0, {vocab_size})")

@@ -76,6 +76,17 @@ class IncrementalDetokenizer:
         self.text = full
         return delta
 
+    def replay(self, ids: list[int]) -> str:
+        """Rebuild the state that pushing ids one by one would leave (for a resumed request):
+        the text of the longest prefix whose decode does not end in an incomplete character."""
+        for end in range(len(ids), 0, -1):
+            full = self.tokenizer.decode(ids[:end])
+            if not full.endswith("\ufffd"):
+                self.text = full
+                return full
+        self.text = ""
+        return ""
+
 
 def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
