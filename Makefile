@@ -14,6 +14,7 @@ $(BIN)/python:
 $(VENV)/.base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e .
+	$(BIN)/python -m workers.expert_kernel  # build the fused expert kernel once (cached)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from workers.config import COMPUTE_DTYPES
+from workers.quant import EXPERT_DTYPES
 from workers.requests import EngineConfig, RequestOutput
 
 
@@ -77,6 +78,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--logprobs", action="store_true", help="report each token's log-probability")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--dtype", default="float32", choices=list(COMPUTE_DTYPES))
+    p.add_argument(
+        "--expert-dtype",
+        default=None,
+        choices=list(EXPERT_DTYPES),
+        help="routed-expert storage (default: --dtype); int8/int4: weight-only",
+    )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
     p.add_argument("--placement", default="spread", choices=["spread", "strict_spread", "pack"])
     p.set_defaults(func=_generate)
@@ -136,7 +143,9 @@ def _generate_local(args, prompts, params):
     limit = EngineConfig(
         max_num_seqs=max(1, len(args.prompt_ids or args.prompt)), max_model_len=1 << 30
     )
-    worker = DenseWorker(args.model, args.dtype, limit, progress=args.verbose)
+    worker = DenseWorker(
+        args.model, args.dtype, limit, progress=args.verbose, expert_dtype=args.expert_dtype
+    )
     prompts = prompts or encode_prompts(worker.tokenizer, args.prompt, args.chat, args.model)
     return worker.generate(prompts, params), worker.tokenizer
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from workers.config import COMPUTE_DTYPES
+from workers.quant import EXPERT_DTYPES
 from workers.requests import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (relative config paths)
@@ -37,6 +38,9 @@ class ExpertsConfig:
     num_gpus: float = 0.0
     rpc_timeout_s: float = 30.0
     max_message_mb: int = 256
+    # routed-expert storage: float32 | bfloat16 | int8 | int4 (weight-only, fp32 scales;
+    # workers/quant.py); null = the compute dtype (`dtype`). Shards and local experts alike.
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
 def _validate(c: ClusterConfig) -> None:
     rules: list[tuple[bool, str, str]] = [
         (c.dtype in DTYPES, "dtype", f"expected one of {list(DTYPES)}"),
+        (c.experts.dtype is None or c.experts.dtype in EXPERT_DTYPES, "experts.dtype",
+         f"expected one of {list(EXPERT_DTYPES)} or null"),
         (c.experts.placement in PLACEMENTS, "experts.placement",
          f"expected one of {list(PLACEMENTS)}"),
         (c.experts.shards >= 0, "experts.shards", "must be >= 0"),

@@ -93,7 +93,8 @@ class ExpertPool:
                 num_gpus=e.num_gpus, max_concurrency=64,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
             ).remote(model_dir, table.local_rows(i), i, config.dtype,
-                     max_message_mb=e.max_message_mb, torch_threads=max(1, int(e.num_cpus)))
+                     max_message_mb=e.max_message_mb, torch_threads=max(1, int(e.num_cpus)),
+                     expert_dtype=e.dtype)
             for i in range(e.shards)
         ]  # fmt: skip
         try:
@@ -159,6 +160,7 @@ class _RemoteDenseWorker:
             config.dense.engine_config(),
             experts=connect_expert_backend(config),
             micro_batches=config.dense.micro_batches,
+            expert_dtype=config.experts.dtype,
         )
 
     def generate(self, prompts, params):
@@ -185,7 +187,8 @@ def generate_distributed(args, prompts, params):
     n = len(args.prompt_ids or args.prompt)
     config = ClusterConfig.from_dict({
         "model": args.model, "dtype": args.dtype, "ray_address": args.ray_address,
-        "experts": {"shards": args.expert_shards, "placement": args.placement},
+        "experts": {"shards": args.expert_shards, "placement": args.placement,
+                    "dtype": args.expert_dtype},
         "dense": {"max_num_seqs": max(1, n), "max_model_len": 1 << 30},
     })  # fmt: skip
     tokenizer = load_tokenizer(args.model)

@@ -52,6 +52,7 @@ class DenseReplica:
             config.dense.engine_config(),
             experts,
             micro_batches=config.dense.micro_batches,
+            expert_dtype=config.experts.dtype,
         )
         self.engine = AsyncEngine(self.worker.engine)
         self.model_name = model_name

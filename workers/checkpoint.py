@@ -28,7 +28,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from workers.config import LINEAR, ModelConfig
-from workers.experts import ExpertWeights
+from workers.experts import ExpertWeights, pack_layer
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,11 @@ def load_expert_weights(
     layers: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    storage: str | None = None,
 ) -> ExpertWeights:
     """The routed experts `experts` (default all) of `layers` (default all), reading only their
-    bytes. Row i of every returned w13/w2 tensor belongs to expert `experts[i]`."""
+    bytes. Row i of every returned w13/w2 tensor belongs to expert `experts[i]`. `storage`
+    (float32 / bfloat16 / int8 / int4, workers/quant.py) packs each layer as it is read."""
     ids = _validate_ids("expert", experts, config.num_experts)
     layer_ids = _validate_ids("layer", layers, config.num_hidden_layers)
     w13: dict[int, torch.Tensor] = {}
@@ -252,7 +254,10 @@ def load_expert_weights(
         with _progress(total, "expert weights", progress) as bar:
             for layer in layer_ids:
                 load = _load_fused if fused[layer] else _load_per_expert
-                w13[layer], w2[layer] = load(reader, config, layer, ids, dtype, bar)
+                a, b = load(reader, config, layer, ids, dtype, bar)
+                if storage is not None:
+                    a, b = pack_layer(a, b, storage)
+                w13[layer], w2[layer] = a, b
     return ExpertWeights(expert_ids=ids, w13=w13, w2=w2)
 
 

@@ -33,11 +33,15 @@ def load_lm(model_dir: str | Path, dtype: torch.dtype, progress: bool = True) ->
 
 
 def local_experts(
-    model_dir: str | Path, dtype: torch.dtype, progress: bool = True
+    model_dir: str | Path,
+    dtype: torch.dtype,
+    progress: bool = True,
+    storage: str | None = None,
 ) -> LocalExpertBackend:
+    """All routed experts in process; `storage` packs them (float32/bfloat16/int8/int4)."""
     config = ModelConfig.from_hf(model_dir)
     return LocalExpertBackend(
-        load_expert_weights(model_dir, config, dtype=dtype, progress=progress)
+        load_expert_weights(model_dir, config, dtype=dtype, progress=progress, storage=storage)
     )
 
 
@@ -57,12 +61,13 @@ class DenseWorker:
         experts: ExpertBackend | None = None,
         progress: bool = False,
         micro_batches: int = 1,
+        expert_dtype: str | None = None,
     ) -> None:
         torch_dtype = compute_dtype(dtype)
         self.model_dir = model_dir
         self.engine_config = engine_config or EngineConfig()
         lm = load_lm(model_dir, torch_dtype, progress)
-        self.experts = experts or local_experts(model_dir, torch_dtype, progress)
+        self.experts = experts or local_experts(model_dir, torch_dtype, progress, expert_dtype)
         runner = ModelRunner(
             lm, self.experts, self.engine_config.max_num_seqs, torch_dtype, micro_batches
         )

@@ -199,8 +199,10 @@ class ExpertShardActor:
         *,
         max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
         torch_threads: int | None = None,
+        expert_dtype: str | None = None,
     ) -> None:
         self.model_dir = str(model_dir)
+        self.expert_dtype = expert_dtype  # storage (workers/quant.py); None: as `dtype`
         self.expert_ids = tuple(int(e) for e in expert_ids)
         self.shard_index = shard_index
         self.dtype = compute_dtype(dtype)
@@ -242,6 +244,7 @@ class ExpertShardActor:
             layers=self.layers,
             dtype=self.dtype,
             progress=False,
+            storage=self.expert_dtype,
         )
         if tuple(weights.expert_ids) != self.expert_ids:
             raise RuntimeError(

@@ -21,6 +21,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from workers import expert_kernel, quant
+from workers.quant import ExpertPack
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -101,14 +104,43 @@ def grouped_swiglu(
     hidden: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
+    w13: torch.Tensor | ExpertPack,
+    w2: torch.Tensor | ExpertPack,
+) -> torch.Tensor:
+    """Weighted SwiGLU experts: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]).
+
+    hidden [T, H], ids [T, K] (rows of w13/w2, -1 = none), weights [T, K], w13 [E, 2I, H],
+    w2 [E, H, I] (tensors, or `ExpertPack`s in fp32 / bf16 / int8 / int4) -> [T, H] in
+    hidden's dtype. On the CPU with fp32 activations this is the fused kernel (one pass per
+    expert, parallel across experts and rows; workers/expert_kernel.py); otherwise, or where
+    the kernel cannot be built, torch's grouped matmul over tokens sorted by expert.
+    Either way a token's K expert outputs are summed in fp64 and rounded once.
+    """
+    if expert_kernel.supports(hidden, w13):
+        return expert_kernel.moe_swiglu(hidden, ids, weights, w13, w2)
+    if isinstance(w13, ExpertPack) or isinstance(w2, ExpertPack):
+        return _packed_torch(hidden, ids, weights, w13, w2)
+    return _torch_swiglu(hidden, ids, weights, w13, w2)
+
+
+def _packed_torch(hidden, ids, weights, w13, w2) -> torch.Tensor:
+    """Torch path for packed weights: dequantise only the experts the step uses."""
+    used = torch.unique(ids[ids >= 0])
+    remap = torch.full((len(w13),), -1, dtype=torch.long)
+    remap[used] = torch.arange(used.numel())
+    local = torch.where(ids >= 0, remap[ids.clamp(min=0)], -1)
+    a, b = w13.dequantize(used), w2.dequantize(used)
+    return _torch_swiglu(hidden.float(), local, weights.float(), a, b).to(hidden.dtype)
+
+
+def _torch_swiglu(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
 ) -> torch.Tensor:
-    """Weighted SwiGLU experts over tokens sorted by expert, one grouped matmul per projection.
-
-    hidden [T, H], ids [T, K] (rows of w13/w2, -1 = none), weights [T, K], w13 [E, 2I, H],
-    w2 [E, H, I] -> [T, H] in hidden's dtype.
-    """
+    """The torch path: tokens sorted by expert, one grouped matmul per projection."""
     T, K = ids.shape
     E, two_i, _ = w13.shape
     flat = ids.reshape(-1)  # [T*K]
@@ -167,6 +199,32 @@ def _sorted_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torc
             torch.matmul(x[start : start + n], w[e].t(), out=out[start : start + n])
             start += n
     return out
+
+
+def pack_experts(weights: ExpertWeights, kind: str | None) -> ExpertWeights:
+    """The same experts stored as `kind` (workers/quant.py: float32, bfloat16, int8, int4);
+    None keeps the tensors as loaded. Layers are converted one at a time (the loaded tensors
+    of a layer are freed as soon as its pack exists)."""
+    if kind is None:
+        return weights
+    w13, w2 = dict(weights.w13), dict(weights.w2)
+    for layer in list(w13):
+        w13[layer], w2[layer] = pack_layer(w13[layer], w2[layer], kind)
+    return ExpertWeights(expert_ids=weights.expert_ids, w13=w13, w2=w2)
+
+
+def pack_layer(
+    w13: torch.Tensor | ExpertPack, w2: torch.Tensor | ExpertPack, kind: str
+) -> tuple[ExpertPack, ExpertPack]:
+    """One layer's w13 [E, 2I, H] and w2 [E, H, I] stored as `kind` (same int4 group)."""
+    if isinstance(w13, ExpertPack):
+        w13, w2 = w13.dequantize(), w2.dequantize()
+    _, two_i, hidden = w13.shape
+    why = quant.packable(kind, hidden, two_i // 2)
+    if why:
+        raise ValueError(f"expert dtype {kind}: {why}")
+    group = quant.int4_group(hidden, two_i // 2)
+    return quant.pack(w13, kind, group), quant.pack(w2, kind, group)
 
 
 class LocalExpertBackend:

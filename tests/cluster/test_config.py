@@ -35,6 +35,8 @@ def test_defaults_and_nested_overrides(tmp_path):
         ({"server": [1]}, "server: expected a mapping"),
         ({"server": {"http_port": 70000}}, "server.http_port"),
         ({"dtype": "int8"}, "dtype: expected one of"),
+        ({"experts": {"dtype": "fp8"}}, "experts.dtype: expected one of"),
+        ({"experts": {"dtype": 8}}, "experts.dtype: expected str or NoneType"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
