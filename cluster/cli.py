@@ -1,4 +1,4 @@
-"""`expertmesh` command line: make-checkpoint, generate, serve, bench."""
+"""`expertmesh` command line: make-checkpoint, generate, serve, bench, plan."""
 
 from __future__ import annotations
 
@@ -51,10 +51,12 @@ def build_parser(plugins: Sequence[Callable[[Any], Any]] = ()) -> argparse.Argum
     add_make_checkpoint(sub)
     _add_generate(sub)
     from cluster.bench_cli import add_cli as add_bench
+    from cluster.plan import add_cli as add_plan
 
     for add in plugins:
         add(sub)
     add_bench(sub)
+    add_plan(sub)
     return parser
 
 

@@ -77,6 +77,10 @@ def _serve(args: argparse.Namespace) -> int:
     if config.model and not Path(config.model, "config.json").is_file():
         raise UsageError(f"--model: no config.json in {config.model}")
     config = resolve_model(config)
+    if config.ray_address is None:  # one machine: refuse what cannot fit (cluster/plan.py)
+        from cluster.plan import check_fits
+
+        check_fits(config, config.model)
     run(config)
     return 0
 
