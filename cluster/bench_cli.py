@@ -3,6 +3,8 @@
     expertmesh bench moe                    # one MoE layer: ours vs distributed vs transformers
     expertmesh bench roofline               # decode step vs the memory-bandwidth bound
     expertmesh bench e2e --concurrency 64   # served requests vs transformers generate()
+    expertmesh bench e2e --concurrency 1,4,16,64 --peers llama.cpp,vllm   # side by side
+    expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -73,7 +75,19 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     e2e = sub.add_parser("e2e", help="C concurrent requests vs transformers generate()")
     common(e2e)
-    e2e.add_argument("--concurrency", type=int, default=64)
+    e2e.add_argument(
+        "--concurrency",
+        type=_ints,
+        default=[64],
+        help="C, or a list: 1,4,16,64 (a list or --peers runs the side-by-side sweep over HTTP)",
+    )
+    e2e.add_argument(
+        "--peers",
+        type=_peers,
+        default=[],
+        help="also run these engines on the "
+        "same checkpoint: llama.cpp,vllm (installed under the cache on first use)",
+    )
     e2e.add_argument(
         "--mode",
         choices=["serve", "engine"],
@@ -94,7 +108,36 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="transformers batch size (default: all requests in one batch)",
     )
     e2e.set_defaults(func=_e2e)
+
+    pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
+    pe.add_argument("action", choices=["install", "status"])
+    pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
+    pe.set_defaults(func=_peers_cmd, repeats=1, model=None)
     return p
+
+
+def _peers(value: str) -> list[str]:
+    from cluster.bench.peers import PEERS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in PEERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {list(PEERS)}, got {value!r}")
+    return names
+
+
+def _peers_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.bench import peers
+
+    bad = [n for n in args.names if n not in peers.PEERS]
+    if bad:
+        raise UsageError(f"peers: expected some of {list(peers.PEERS)}, got {bad}")
+    if args.action == "install":
+        peers.install(args.names or peers.PEERS)
+    print(json.dumps(peers.status(), indent=2))
+    return 0
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -141,13 +184,19 @@ def _e2e(args: argparse.Namespace) -> int:
     from cluster.bench import e2e
 
     _setup(args)
-    if args.concurrency < 1:
-        raise UsageError("--concurrency: must be >= 1")
     builder = getattr(args, "serve_app_builder", None)
     mode = args.mode or ("serve" if builder is not None else "engine")
     if mode == "serve" and builder is None:
         raise UsageError("--mode serve: run it through the `expertmesh` command (deploy/)")
-    e2e.run(args.model, args.concurrency, mode, args.shards, args.prompt_len, args.output_len,
+    if len(args.concurrency) > 1 or args.peers:
+        from cluster.bench import resolve_model, sweep
+
+        sweep.run(resolve_model(args.model), args.concurrency, args.peers, mode, args.shards,
+                  args.prompt_len, args.output_len, args.max_batched_tokens, args.repeats,
+                  args.seed, args.out, serve_app_builder=builder)  # fmt: skip
+        _show(args.out, "e2e")
+        return 0
+    e2e.run(args.model, args.concurrency[0], mode, args.shards, args.prompt_len, args.output_len,
             hf=not args.no_hf, hf_batch=args.hf_batch, max_batched_tokens=args.max_batched_tokens,
             repeats=args.repeats, seed=args.seed, out_dir=args.out,
             serve_app_builder=builder)  # fmt: skip

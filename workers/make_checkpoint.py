@@ -10,6 +10,7 @@ corpus of `workers/tokenizer_data.py`. Every tensor is drawn in fp32 from a gene
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -58,7 +59,20 @@ _SMALL = dict(
     num_experts=512, num_experts_per_tok=10, moe_intermediate_size=64,
     shared_expert_intermediate_size=256, max_position_embeddings=32768, torch_dtype="bfloat16",
 )  # fmt: skip
-PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "small": _SMALL}
+# small with the linear (DeltaNet) head dims vLLM's CPU kernel takes (64 or 128): a preset
+# every peer runs (cluster/bench/peers.py)
+_PEERS = dict(_SMALL, linear_key_head_dim=64, linear_value_head_dim=64)
+# one real 4-layer block (3 DeltaNet + 1 attention) at the real model's proportions: hidden
+# 1024 (real 2048), 512 experts top-10, expert intermediate 256, real head dims (DeltaNet 128,
+# attention 256); ~3.2 GB of bf16 experts on disk, 6.4 GB as fp32
+_BLOCK = dict(
+    _SMALL, hidden_size=1024, num_hidden_layers=4, layer_types=(LINEAR, LINEAR, LINEAR, FULL),
+    num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=8,
+    linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+    moe_intermediate_size=256, shared_expert_intermediate_size=256,
+)  # fmt: skip
+PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "small": _SMALL, "peers": _PEERS,
+                                      "block": _BLOCK}  # fmt: skip
 
 # Weight scales (inputs of every projection are RMS-normalised, so std 1/sqrt(fan_in) keeps
 # activations O(1)). Logits get std ~LOGIT_STD, router logits ~ROUTER_STD; dt_bias centred at
@@ -223,6 +237,7 @@ def make_checkpoint(
     dtype: str | None = None,
     tokenizer: bool = True,
     shard_size_mb: float | None = None,
+    moe_intermediate_size: int | None = None,
 ) -> Path:
     """Write a random-weight HF Qwen3-Next checkpoint (+ tokenizer) to `out_dir`; return it.
 
@@ -231,6 +246,10 @@ def make_checkpoint(
     out = Path(out_dir)
     tok = build_tokenizer()
     config = preset_config(preset, tok, dtype)
+    if moe_intermediate_size is not None:
+        if moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size: must be >= 1, got {moe_intermediate_size}")
+        config = dataclasses.replace(config, moe_intermediate_size=moe_intermediate_size)
     tensors = random_weights(config, seed, expert_layout)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", hf_config(config))
@@ -276,6 +295,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None)
     p.add_argument("--no-tokenizer", action="store_true", help="skip the tokenizer files")
     p.add_argument("--shard-size-mb", type=float, default=None, help="shard the weights")
+    p.add_argument("--moe-intermediate-size", type=int, default=None,
+                   help="override the preset's expert intermediate size (e.g. block at 128 "
+                   "where memory is short)")  # fmt: skip
     p.set_defaults(func=_cli_main)
     return p
 
@@ -289,6 +311,7 @@ def _cli_main(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tokenizer=not args.no_tokenizer,
         shard_size_mb=args.shard_size_mb,
+        moe_intermediate_size=args.moe_intermediate_size,
     )
     print(path)
     return 0

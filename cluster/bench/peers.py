@@ -173,7 +173,11 @@ _CONVERT_WRAPPER = """
 import sys
 sys.path.insert(0, sys.argv.pop(1))
 import convert_hf_to_gguf as c
-c.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+try:
+    from conversion.base import TextModel  # newer sources: the model classes moved
+except ImportError:
+    TextModel = c.TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
 sys.argv[0] = "convert_hf_to_gguf.py"
 c.main()
 """
@@ -259,6 +263,132 @@ def status() -> dict[str, dict[str, object]]:
                       "installed": llama_installed()},
         "vllm": {"version": VLLM_VERSION, "dir": str(vllm_dir()), "installed": vllm_installed()},
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- serving
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(
+    cmd: list[str],
+    url: str,
+    health: str,
+    logfile: Path,
+    log: Log,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 900.0,
+) -> Iterator[str]:
+    """Start a server process (its own process group), wait until `health` answers 200,
+    yield its URL; stop it (SIGTERM to its group, then SIGKILL) on exit."""
+    import signal
+
+    import httpx
+
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log("$ " + " ".join(cmd))
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-15:])
+                raise RuntimeError(f"{Path(cmd[0]).name} exited ({proc.returncode}); {logfile}:\n"
+                                   + tail)  # fmt: skip
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + health, timeout=5).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError(f"{Path(cmd[0]).name} not healthy after {timeout_s:.0f} s")
+            time.sleep(1.0)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def llama_session(
+    model_dir: str | Path, parallel: int, ctx_per_request: int, threads: int, log: Log = _stderr
+) -> Iterator[str]:
+    """llama-server on the checkpoint's f32 GGUF, `parallel` slots of `ctx_per_request`."""
+    gguf = convert_to_gguf(model_dir, log=log)
+    port = _free_port()
+    cmd = [str(llama_server_path()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "--parallel", str(parallel), "--cont-batching", "-c", str(parallel * ctx_per_request),
+           "-t", str(threads), "--no-webui"]  # fmt: skip
+    with _server(cmd, f"http://127.0.0.1:{port}", "/health", llama_dir() / "server.log",
+                 log) as url:  # fmt: skip
+        yield url
+
+
+@contextlib.contextmanager
+def vllm_session(
+    model_dir: str | Path,
+    max_seqs: int,
+    max_model_len: int,
+    kv_cache_gb: int = 4,
+    log: Log = _stderr,
+) -> Iterator[str]:
+    """vLLM's OpenAI server (CPU build) on the checkpoint in bf16 (its DeltaNet kernel needs
+    bf16 and linear head dims of 64 or 128)."""
+    install_vllm(log=log)
+    port = _free_port()
+    cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(model_dir), "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_seqs),
+           "--served-model-name", "bench"]  # fmt: skip
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gb))
+    with _server(cmd, f"http://127.0.0.1:{port}", "/health", vllm_dir() / "server.log", log,
+                 env=env) as url:  # fmt: skip
+        yield url
+
+
+def request_body(
+    peer: str, prompt: list[int], max_tokens: int, stream: bool = True
+) -> tuple[str, dict]:
+    """(path, JSON body) of one greedy, ignore_eos, token-id request to `peer`."""
+    if peer == "llama.cpp":  # native endpoint: it returns token ids ("return_tokens")
+        return "/completion", {"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0,
+                               "ignore_eos": True, "stream": stream, "return_tokens": True,
+                               "cache_prompt": False}  # fmt: skip
+    return "/v1/completions", {"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+                               "temperature": 0.0, "ignore_eos": True, "stream": stream,
+                               "return_token_ids": True}  # fmt: skip
+
+
+def chunk_tokens(peer: str, chunk: dict, seen: int) -> tuple[int, list[int]]:
+    """(new tokens, their ids) of one streamed chunk, `seen` tokens before it. llama-server
+    holds back a token that ends inside a UTF-8 character and never streams its id (its next
+    chunk has only the newest id), but every chunk says how many tokens were decoded."""
+    if peer == "llama.cpp":
+        ids = list(chunk.get("tokens") or [])
+        decoded = chunk.get("tokens_predicted")
+        return (len(ids) if decoded is None else max(0, int(decoded) - seen)), ids
+    out: list[int] = []
+    for choice in chunk.get("choices", []):
+        out += choice.get("token_ids") or []
+    return len(out), out
+
+
+def response_tokens(peer: str, body: dict) -> list[int]:
+    """All output token ids of a non-streamed response."""
+    if peer == "llama.cpp":
+        return list(body.get("tokens") or [])
+    return list(body["choices"][0].get("token_ids") or [])
 
 
 if __name__ == "__main__":  # python -m cluster.bench.peers [install NAME...]
