@@ -5,6 +5,7 @@
     expertmesh bench e2e --concurrency 64   # served requests vs transformers generate()
     expertmesh bench e2e --concurrency 1,4,16,64 --peers llama.cpp,vllm   # side by side
     expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
+    expertmesh bench quant                  # expert storage formats: fidelity and speed
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -109,11 +110,47 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     e2e.set_defaults(func=_e2e)
 
+    qu = sub.add_parser("quant", help="expert storage formats: fidelity and speed vs fp32")
+    common(qu)
+    qu.add_argument(
+        "--dtypes", type=_dtypes, default=None, help="default: all (float32,bfloat16,int8,int4)"
+    )
+    qu.add_argument("--batches", type=_ints, default=[1, 4, 16, 64, 256])
+    qu.add_argument("--prompts", type=int, default=8, help="fidelity: prompts")
+    qu.add_argument("--prompt-len", type=int, default=32)
+    qu.add_argument("--steps", type=int, default=32, help="fidelity: greedy tokens per prompt")
+    qu.add_argument("--repeats", type=int, default=5, help="interleaved speed rounds")
+    qu.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    qu.set_defaults(func=_quant)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
     pe.set_defaults(func=_peers_cmd, repeats=1, model=None)
     return p
+
+
+def _dtypes(value: str) -> list[str]:
+    from workers.quant import EXPERT_DTYPES
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names or any(n not in EXPERT_DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"expected some of {list(EXPERT_DTYPES)}, got {value!r}")
+    return names if "float32" in names else ["float32", *names]
+
+
+def _quant(args: argparse.Namespace) -> int:
+    from cluster.bench import quant
+    from workers.quant import EXPERT_DTYPES
+
+    _setup(args)
+    if min(args.prompts, args.prompt_len, args.steps) < 1:
+        raise UsageError("--prompts, --prompt-len, --steps: must be >= 1")
+    quant.run(args.model, args.dtypes or EXPERT_DTYPES, args.batches, args.prompts,
+              args.prompt_len, args.steps, args.repeats, args.layer, args.seed,
+              out_dir=args.out)  # fmt: skip
+    _show(args.out, "quant")
+    return 0
 
 
 def _peers(value: str) -> list[str]:

@@ -93,3 +93,16 @@ def test_llama_cpp_agrees_with_our_greedy_tokens(tmp_path):
     )
     row = out["contenders"]["llama.cpp b11434 (f32 GGUF)"][2]
     assert row["greedy_agreement_first16"] == 1.0
+
+
+def test_quant_bench_fidelity_and_speed(tiny, tmp_path):
+    from cluster.bench import quant
+
+    out = quant.run(tiny, batches=(1, 4), prompts=2, prompt_len=6, steps=3, repeats=1,
+                    out_dir=tmp_path, min_time_s=0.0, log=lambda m: None)  # fmt: skip
+    fid = out["fidelity"]
+    assert fid["float32"]["logprob_drift_max"] == 0 and fid["float32"]["greedy_identical"] == 1
+    assert fid["int4"]["logprob_drift_mean"] > fid["int8"]["logprob_drift_mean"] > 0
+    assert set(out["seconds"]) == {quant.TORCH, "float32", "bfloat16", "int8", "int4"}
+    assert out["layer_expert_bytes"]["int4"] < out["layer_expert_bytes"]["int8"]
+    assert "teacher-forced top-1 agreement" in (tmp_path / "quant.md").read_text()

@@ -13,6 +13,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,8 +44,13 @@ inline v16f load_w(const uint16_t* p) {  // bf16 -> fp32: the bits are fp32's to
   v16f f; std::memcpy(&f, &u, sizeof f); return f;
 }
 inline v16f load_w(const int8_t* p) {
+#if defined(__AVX512F__)  // gcc widens a vector of chars element by element otherwise
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  v16f v; std::memcpy(&v, &f, sizeof v); return v;
+#else
   v16b b; std::memcpy(&b, p, sizeof b);
   return __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
+#endif
 }
 
 inline float hsum(v16f v) {  // fixed tree
