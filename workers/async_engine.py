@@ -50,6 +50,8 @@ class AsyncEngine:
             self._wake.set()
             while not finished:
                 out = await queue.get()
+                while not out.finished and not queue.empty():  # a slow consumer gets one
+                    out = out.merge(queue.get_nowait())  # merged delta, not one per step
                 finished = out.finished
                 yield out
         finally:
