@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def build_dir() -> Path:
     """Cache directory of this source, torch version and CPU (the build is -march=native)."""
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(torch.__version__.encode())
+    h.update(sys.prefix.encode())  # one build per environment (its headers and libraries)
+    h.update(b"-fopenmp")
     h.update(_cpu_flags().encode())
     root = Path(os.environ.get("EXPERTMESH_CACHE") or "~/.cache/expertmesh").expanduser()
     return root / "kernels" / f"moe_swiglu-{h.hexdigest()[:16]}"
@@ -64,7 +67,10 @@ def load(verbose: bool = False) -> bool:
             cpp_extension.load(
                 name="expertmesh_moe_swiglu",
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
+                # -fopenmp: at::parallel_for is inline and runs serially without it (the
+                # OpenMP runtime is torch's own libgomp, already loaded)
+                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(path),
                 is_python_module=False,
                 verbose=verbose,
