@@ -28,7 +28,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from workers.config import LINEAR, ModelConfig
-from workers.experts import ExpertWeights, pack_layer
+from workers.experts import ExpertWeights, lossless_pack, pack_layer
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,9 @@ def load_expert_weights(
 ) -> ExpertWeights:
     """The routed experts `experts` (default all) of `layers` (default all), reading only their
     bytes. Row i of every returned w13/w2 tensor belongs to expert `experts[i]`. `storage`
-    (float32 / bfloat16 / int8 / int4, workers/quant.py) packs each layer as it is read."""
+    (float32 / bfloat16 / int8 / int4, workers/quant.py) packs each layer as it is read;
+    "lossless" packs a layer as bf16 only where that changes no value (workers.experts.
+    lossless_pack)."""
     ids = _validate_ids("expert", experts, config.num_experts)
     layer_ids = _validate_ids("layer", layers, config.num_hidden_layers)
     w13: dict[int, torch.Tensor] = {}
@@ -255,7 +257,9 @@ def load_expert_weights(
             for layer in layer_ids:
                 load = _load_fused if fused[layer] else _load_per_expert
                 a, b = load(reader, config, layer, ids, dtype, bar)
-                if storage is not None:
+                if storage == "lossless":
+                    a, b = lossless_pack(a, b)
+                elif storage is not None:
                     a, b = pack_layer(a, b, storage)
                 w13[layer], w2[layer] = a, b
     return ExpertWeights(expert_ids=ids, w13=w13, w2=w2)

@@ -38,8 +38,11 @@ def local_experts(
     progress: bool = True,
     storage: str | None = None,
 ) -> LocalExpertBackend:
-    """All routed experts in process; `storage` packs them (float32/bfloat16/int8/int4)."""
+    """All routed experts in process; `storage` packs them (float32/bfloat16/int8/int4);
+    None: bf16 where the checkpoint's values are bf16 and compute is fp32 (bit-identical)."""
     config = ModelConfig.from_hf(model_dir)
+    if storage is None and dtype == torch.float32:
+        storage = "lossless"
     return LocalExpertBackend(
         load_expert_weights(model_dir, config, dtype=dtype, progress=progress, storage=storage)
     )

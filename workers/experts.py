@@ -213,6 +213,21 @@ def pack_experts(weights: ExpertWeights, kind: str | None) -> ExpertWeights:
     return ExpertWeights(expert_ids=weights.expert_ids, w13=w13, w2=w2)
 
 
+def lossless_pack(
+    w13: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor | ExpertPack, torch.Tensor | ExpertPack]:
+    """bf16 packs of fp32 weights whose values are all bf16 values (a bf16 checkpoint loaded
+    in fp32): the fused kernel widens them in registers, so results are bit-identical with
+    half the bytes to read. Unchanged when a value needs fp32 or the kernel is unavailable
+    (the torch path would dequantise every step)."""
+    if w13.dtype != torch.float32 or not expert_kernel.load():
+        return w13, w2
+    for w in (w13, w2):
+        if not torch.equal(w.to(torch.bfloat16).float(), w):
+            return w13, w2
+    return quant.pack(w13, "bfloat16"), quant.pack(w2, "bfloat16")
+
+
 def pack_layer(
     w13: torch.Tensor | ExpertPack, w2: torch.Tensor | ExpertPack, kind: str
 ) -> tuple[ExpertPack, ExpertPack]:

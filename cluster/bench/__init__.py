@@ -48,11 +48,13 @@ def resolve_model(model: str | Path | None) -> Path:
     return path
 
 
-def load_model(model_dir: str | Path) -> LoadedModel:
+def load_model(model_dir: str | Path, storage: str | None = None) -> LoadedModel:
+    """Dense path in fp32; experts as `storage` (default: as the dense worker loads them)."""
     from workers.dense_worker import load_lm, local_experts
 
     lm = load_lm(model_dir, DTYPE, progress=False)
-    return LoadedModel(Path(model_dir), lm.config, lm, local_experts(model_dir, DTYPE, False))
+    experts = local_experts(model_dir, DTYPE, False, storage)
+    return LoadedModel(Path(model_dir), lm.config, lm, experts)
 
 
 def random_prompts(count: int, length: int, vocab: int, seed: int, low: int = 0) -> list[list[int]]:

@@ -45,6 +45,7 @@ from cluster.bench.report import (
     write_markdown,
 )
 from workers.moe import SparseMoE
+from workers.quant import ExpertPack
 
 DEFAULT_BATCHES = tuple(2**i for i in range(10))  # 1 .. 512
 ATOL = 1e-4
@@ -103,7 +104,9 @@ def run(
         ids, w = moe.gate(x)
         inputs[b] = (x, x.unsqueeze(0), ids, w)
     hf = {
-        impl: build_hf_block(model_dir, moe, weights.w13[layer], weights.w2[layer], impl)
+        impl: build_hf_block(
+            model_dir, moe, _dense(weights.w13[layer]), _dense(weights.w2[layer]), impl
+        )  # fmt: skip
         for impl in ("eager", "grouped_mm")
     }
     verification = _verify(inputs, moe, local, hf)
@@ -158,6 +161,10 @@ def run(
     }
     write_outputs(out, Path(out_dir))
     return out
+
+
+def _dense(w: torch.Tensor | ExpertPack) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, ExpertPack) else w
 
 
 def _verify(inputs, moe, local, hf) -> dict[str, float]:

@@ -39,7 +39,7 @@ from cluster.bench.report import (
     write_markdown,
 )
 from workers.experts import LocalExpertBackend, _torch_swiglu, grouped_swiglu, pack_experts
-from workers.quant import EXPERT_DTYPES
+from workers.quant import EXPERT_DTYPES, ExpertPack
 from workers.runner import ModelRunner
 
 TORCH = "float32 (torch grouped_mm)"
@@ -93,7 +93,7 @@ def run(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
 ) -> dict[str, Any]:
     model_dir = resolve_model(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, storage="float32")  # the reference: every value in fp32
     cfg = model.config
     base = model.experts.weights
     packs = {k: pack_experts(base, k) for k in dtypes if k != "float32"}
@@ -129,6 +129,8 @@ def run(
         x = pool[sample_rows(pool, b, seed + b)].contiguous()
         inputs[b] = (x, *moe.gate(x))
     w13, w2 = base.w13[layer], base.w2[layer]
+    if isinstance(w13, ExpertPack):  # the torch contender takes tensors
+        w13, w2 = w13.dequantize(), w2.dequantize()
     fns: dict[str, Callable[[int], Any]] = {
         TORCH: lambda b: _torch_swiglu(*inputs[b], w13, w2),
     }

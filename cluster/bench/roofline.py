@@ -39,6 +39,7 @@ from cluster.bench import (
     sample_rows,
 )
 from cluster.bench.report import machine_line, markdown_table, write_json, write_markdown
+from workers.quant import ExpertPack
 from workers.runner import ModelRunner
 
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
@@ -69,7 +70,11 @@ def weight_bytes(
     emb_bytes = 0 if head is emb else min(batch, emb.shape[0]) * row
     w = model.experts.weights
     w13, w2 = next(iter(w.w13.values())), next(iter(w.w2.values()))
-    per_expert = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    per_expert = (
+        (w13.nbytes + w2.nbytes) // len(w13)
+        if isinstance(w13, ExpertPack)
+        else ((w13[0].numel() + w2[0].numel()) * w13.element_size())
+    )
     unique = []
     for s in range(samples):
         rows = sample_rows(pools[0], batch, seed + 1000 * s + batch)

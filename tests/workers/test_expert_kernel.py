@@ -168,3 +168,28 @@ def test_pack_experts_and_loader_storage(tmp_path):
     ref = naive_experts(x, ids, w, packed.w13[1].dequantize(), packed.w2[1].dequantize())
     assert (packed.compute(1, x, ids, w) - ref).abs().max() < 2e-6
     assert pack_experts(plain, None) is plain
+
+
+def test_lossless_pack_only_when_no_value_changes():
+    from workers.experts import lossless_pack
+
+    x, ids, w, w13, w2 = _random(T=6)
+    b13, b2 = w13.bfloat16().float(), w2.bfloat16().float()
+    p13, p2 = lossless_pack(b13, b2)
+    assert p13.kind == "bfloat16" and p2.kind == "bfloat16"
+    assert torch.equal(grouped_swiglu(x, ids, w, p13, p2), grouped_swiglu(x, ids, w, b13, b2))
+    same13, same2 = lossless_pack(w13, b2)  # w13 needs fp32
+    assert same13 is w13 and same2 is b2
+
+
+def test_local_experts_of_a_bf16_checkpoint_are_bf16_and_bit_identical(tmp_path):
+    from workers.dense_worker import local_experts
+    from workers.make_checkpoint import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", preset="tiny", dtype="bfloat16", tokenizer=False)
+    auto = local_experts(model, torch.float32, progress=False).weights
+    plain = local_experts(model, torch.float32, progress=False, storage="float32").weights
+    assert auto.w13[0].kind == "bfloat16" and plain.w13[0].kind == "float32"
+    assert auto.w13[0].nbytes * 2 == plain.w13[0].nbytes
+    x, ids, w, *_ = _random(E=32, H=64, T=5, K=4)
+    assert torch.equal(auto.compute(0, x, ids, w), plain.compute(0, x, ids, w))
