@@ -2,7 +2,8 @@
 
 Shape legend
     T  tokens in the step     H  hidden      Hq query heads    Hkv KV heads    D head dim
-    n  new tokens of one sequence            L  its cached + new tokens
+    n  new tokens of one sequence            L  its cached + new tokens (keys attended)
+    B  decode sequences      G = Hq / Hkv query heads per KV head
 
 q_proj emits, per head, [query (D) | gate (D)]; the gate multiplies the attention output
 through a sigmoid before o_proj.
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.cache import HybridCache, SeqSpan, StepLayout
+from workers.cache import HybridCache
 from workers.config import ModelConfig
+from workers.layout import DecodeBatch, SeqSpan, StepLayout
 from workers.norms import RMSNorm
 from workers.rope import PartialRope
 
@@ -39,7 +41,7 @@ class GatedAttention(nn.Module):
         self.rope = PartialRope(self.head_dim, c.rotary_dim, c.rope_theta)
 
     def forward(self, x: torch.Tensor, layout: StepLayout, cache: HybridCache) -> torch.Tensor:
-        """x [T, H] -> [T, H]; appends this step's keys/values to each sequence's cache."""
+        """x [T, H] -> [T, H]; writes this step's keys/values into the sequences' blocks."""
         t = x.shape[0]
         q_gate = self.q_proj(x).view(t, self.heads, 2 * self.head_dim)  # [T, Hq, 2D]
         q, gate = q_gate.split(self.head_dim, dim=-1)  # [T, Hq, D] each
@@ -49,62 +51,46 @@ class GatedAttention(nn.Module):
         cos, sin = self.rope.cos_sin(layout.positions, x.dtype)
         q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
 
+        cache.write(self.layer, layout.slot_mapping, k, v)  # every new token, in place
         out = torch.empty_like(q)  # [T, Hq, D]
-        if layout.decode:
-            self._decode(q, k, v, [layout.spans[i] for i in layout.decode], cache, out)
+        if layout.batch is not None:
+            out[layout.batch.rows] = self._decode(q[layout.batch.rows], layout.batch, cache)
         for i in layout.prefill:
             span = layout.spans[i]
-            keys, values = cache.kv_buffer(self.layer, span.slot).append(k[span.rows], v[span.rows])
-            out[span.rows] = self._attend(q[span.rows], keys, values, span.start)
+            out[span.rows] = self._prefill(q[span.rows], span, cache)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
-    def _decode(self, q, k, v, spans: list[SeqSpan], cache: HybridCache, out) -> None:
-        """All single-token spans in one attention call over their padded caches."""
-        rows = torch.tensor([sp.offset for sp in spans])
-        cached = [cache.kv_buffer(self.layer, sp.slot).append(k[r : r + 1], v[r : r + 1])
-                  for sp, r in zip(spans, rows.tolist(), strict=True)]  # fmt: skip
-        keys, values = _pad(cached)  # [B, Lmax, Hkv, D] each
-        lengths = torch.tensor([kv[0].shape[0] for kv in cached])
-        mask = torch.arange(keys.shape[1])[None, :] < lengths[:, None]  # [B, Lmax]
+    def _decode(self, q: torch.Tensor, batch: DecodeBatch, cache: HybridCache) -> torch.Tensor:
+        """q [B, Hq, D], one new token per sequence -> [B, Hq, D] over the gathered blocks.
+        The G = Hq / Hkv query heads of one KV head ride as G query rows of that head."""
+        b = q.shape[0]
+        keys, values = cache.gather(self.layer, batch.blocks)  # [B*M, bs, Hkv, D] each
+        keys = keys.view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        values = values.view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2),  # [B, Hq, 1, D]
-            keys.transpose(1, 2),  # [B, Hkv, Lmax, D]
-            values.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],  # [B, 1, 1, Lmax]
+            q.view(b, self.kv_heads, -1, self.head_dim),  # [B, Hkv, G, D]
+            keys,
+            values,
+            attn_mask=batch.mask,  # [B, 1, 1, L]
             scale=self.head_dim**-0.5,
-            enable_gqa=self.heads != self.kv_heads,
         )
-        out[rows] = o.squeeze(2)
+        return o.reshape(b, self.heads, self.head_dim)
 
-    def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
-    ) -> torch.Tensor:
-        """q [n, Hq, D] at positions start..start+n-1 over keys/values [L, Hkv, D] -> [n, Hq, D]."""
-        n, total = q.shape[0], keys.shape[0]
-        mask = None
-        if n > 1:  # query i sees keys 0..start+i
-            mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=start)
+    def _prefill(self, q: torch.Tensor, span: SeqSpan, cache: HybridCache) -> torch.Tensor:
+        """q [n, Hq, D] at positions start..end-1 over the sequence's first `end` keys."""
+        bs = cache.block_size
+        blocks = cache.block_table[span.slot, : (span.end + bs - 1) // bs]
+        keys, values = cache.gather(self.layer, blocks)  # [nb, bs, Hkv, D]
+        keys = keys.view(-1, self.kv_heads, self.head_dim)[: span.end]  # [L, Hkv, D]
+        values = values.view(-1, self.kv_heads, self.head_dim)[: span.end]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # [Hq, n, D]
             keys.transpose(0, 1),  # [Hkv, L, D]
             values.transpose(0, 1),
-            attn_mask=mask,
+            attn_mask=torch.ones(span.length, span.end, dtype=torch.bool).tril(span.start),  # i
+            # sees keys 0..start+i
             scale=self.head_dim**-0.5,
             enable_gqa=self.heads != self.kv_heads,
         )
         return o.transpose(0, 1)
-
-
-def _pad(cached: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence keys/values [L_i, Hkv, D] -> zero-padded [B, Lmax, Hkv, D] (the padding
-    must be finite: masked scores are -inf, but NaN garbage would poison the softmax)."""
-    longest = max(k.shape[0] for k, _ in cached)
-    first = cached[0][0]
-    keys = first.new_empty(len(cached), longest, *first.shape[1:])
-    values = torch.empty_like(keys)
-    for i, (k, v) in enumerate(cached):
-        n = k.shape[0]
-        keys[i, :n], values[i, :n] = k, v
-        keys[i, n:], values[i, n:] = 0, 0
-    return keys, values

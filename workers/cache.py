@@ -1,52 +1,32 @@
-"""Hybrid cache: fixed-size DeltaNet state per linear layer, growing KV per full-attention layer.
+"""Hybrid cache: fixed-size DeltaNet state per slot, paged KV blocks for the attention layers.
 
 Shape legend
     S  slots (max concurrent sequences)     C  conv channels (2*key_dim + value_dim)
     Kc conv kernel - 1                      Hv value heads, Dk/Dv DeltaNet head dims
-    L  cached tokens of one sequence        Hkv KV heads, D attention head dim
+    N  KV blocks (block 0: the null block)  bs tokens per block
+    Hkv KV heads, D attention head dim      M  most blocks one sequence may hold
 
-A sequence owns one slot from `allocate()` until `free(slot)`. The DeltaNet state of a slot is
-zeroed on allocation, so a reused slot starts exactly like a fresh one.
+A sequence owns one slot from `allocate()` until `free(slot)`: its DeltaNet state (zeroed on
+allocation) and a block table, `tables[slot]` (logical block i -> block id; mirrored in the
+tensor `block_table` [S, M] so a step gathers tables without a per-sequence loop). Token p of
+a sequence lives in block `tables[slot][p // bs]`, row `p % bs`. Full prompt blocks may be
+shared between sequences (prefix cache, n > 1 forks): they are reference-counted by the
+BlockPool and never written again. Pool memory is reserved up front (see cache_config.py) and
+each block is zeroed the first time it is handed out, so untouched memory stays virtual.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
+from workers.blocks import NULL_BLOCK, BlockPool, CacheFullError
+from workers.cache_config import CacheConfig, CachePlan, plan_cache
 from workers.config import ModelConfig
+from workers.layout import SeqSpan, StepLayout
 
-
-class CacheFullError(RuntimeError):
-    """No free slot is left."""
-
-
-class KVBuffer:
-    """Keys and values of one sequence in one attention layer; capacity doubles as it grows."""
-
-    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.k = torch.empty(0, kv_heads, head_dim, dtype=dtype, device=device)  # [cap, Hkv, D]
-        self.v = torch.empty_like(self.k)
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [n, Hkv, D]; return all cached keys and values [L, Hkv, D]."""
-        need = self.length + k.shape[0]
-        if need > self.k.shape[0]:
-            cap = max(need, 2 * self.k.shape[0], 16)
-            self.k = _grow(self.k, cap, self.length)
-            self.v = _grow(self.v, cap, self.length)
-        self.k[self.length : need] = k
-        self.v[self.length : need] = v
-        self.length = need
-        return self.k[:need], self.v[:need]
-
-
-def _grow(buf: torch.Tensor, cap: int, used: int) -> torch.Tensor:
-    new = buf.new_empty(cap, *buf.shape[1:])
-    new[:used] = buf[:used]
-    return new
+__all__ = ["CacheFullError", "HybridCache", "SeqSpan", "StepLayout"]
 
 
 class HybridCache:
@@ -55,25 +35,41 @@ class HybridCache:
         config: ModelConfig,
         max_seqs: int,
         dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        cache_config: CacheConfig | None = None,
+        max_model_len: int = 4096,
     ) -> None:
         c = config
         self.config = c
+        self.settings = cache_config or CacheConfig()
+        self.plan: CachePlan = plan_cache(c, dtype, max_seqs, max_model_len, self.settings)
         self.max_seqs = max_seqs
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.block_size = bs = self.plan.block_size
         k = c.linear_conv_kernel_dim - 1
         state = (max_seqs, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)
         self.conv = {i: torch.zeros(max_seqs, c.conv_dim, k, dtype=dtype) for i in c.linear_layers}
         self.ssm = {i: torch.zeros(state, dtype=torch.float32) for i in c.linear_layers}  # fp32
-        self.kv: dict[int, list[KVBuffer | None]] = {i: [None] * max_seqs for i in c.full_layers}
+        kv = (self.plan.num_blocks, bs, c.num_key_value_heads, c.head_dim)
+        self.k = {i: torch.empty(kv, dtype=dtype) for i in c.full_layers}  # [N, bs, Hkv, D]
+        self.v = {i: torch.empty(kv, dtype=dtype) for i in c.full_layers}
+        self._zeroed = [False] * self.plan.num_blocks
+        self._zero_block(NULL_BLOCK)
+        self.pool = BlockPool(self.plan.num_blocks)
+        max_blocks = math.ceil(min(max_model_len, c.max_position_embeddings) / bs) + 1
+        self.block_table = torch.full((max_seqs, max_blocks), NULL_BLOCK, dtype=torch.long)
+        self.tables: list[list[int]] = [[] for _ in range(max_seqs)]
         self.lengths = [0] * max_seqs
         self._free = list(range(max_seqs - 1, -1, -1))
+        self._workspace = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
 
     # ------------------------------------------------------------------ slots
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_available
 
     def allocate(self) -> int:
         if not self._free:
@@ -82,78 +78,106 @@ class HybridCache:
         for layer in self.conv:
             self.conv[layer][slot].zero_()
             self.ssm[layer][slot].zero_()
-        c = self.config
-        for layer in self.kv:
-            self.kv[layer][slot] = KVBuffer(
-                c.num_key_value_heads, c.head_dim, self.dtype, self.device
-            )
         self.lengths[slot] = 0
         return slot
 
     def free(self, slot: int) -> None:
-        if slot in self._free or not 0 <= slot < self.max_seqs:
+        if not self.is_allocated(slot):
             raise ValueError(f"slot {slot} is not allocated")
-        for layer in self.kv:
-            self.kv[layer][slot] = None  # release KV memory now
+        self.pool.release(self.tables[slot])
+        self.tables[slot] = []
+        self.block_table[slot].fill_(NULL_BLOCK)
         self.lengths[slot] = 0
         self._free.append(slot)
 
     def is_allocated(self, slot: int) -> bool:
         return 0 <= slot < self.max_seqs and slot not in self._free
 
-    def kv_buffer(self, layer: int, slot: int) -> KVBuffer:
-        buf = self.kv[layer][slot]
-        if buf is None:
-            raise ValueError(f"slot {slot} is not allocated")
-        return buf
+    # ----------------------------------------------------------------- blocks
+    def blocks_needed(self, slot: int, new_tokens: int) -> int:
+        """Blocks `reserve(slot, new_tokens)` would take from the pool."""
+        total = math.ceil((self.lengths[slot] + new_tokens) / self.block_size)
+        return max(0, total - len(self.tables[slot]))
 
-    def kv_bytes(self) -> int:
-        return sum(
-            b.k.numel() * b.k.element_size() * 2 for bufs in self.kv.values() for b in bufs if b
-        )
+    def reserve(self, slot: int, new_tokens: int) -> None:
+        """Give the slot blocks for `new_tokens` more tokens (all or none)."""
+        need = self.blocks_needed(slot, new_tokens)
+        if need > self.pool.num_available:
+            raise CacheFullError(
+                f"slot {slot} needs {need} more KV blocks, {self.pool.num_available} are free"
+            )
+        for _ in range(need):
+            self._append_block(slot, self._new_block())
 
+    def adopt(self, slot: int, blocks: list[int], length: int) -> None:
+        """Start an empty slot's table with shared blocks holding its first `length` tokens."""
+        if self.tables[slot] or self.lengths[slot]:
+            raise ValueError(f"slot {slot} already holds tokens")
+        for block in blocks:
+            self.pool.incref(block)
+            self._append_block(slot, block)
+        self.lengths[slot] = length
 
-@dataclass(frozen=True)
-class SeqSpan:
-    """`length` new tokens of the sequence in `slot`, after `start` cached ones, at
-    rows [offset, offset + length) of the step's flattened tokens."""
+    def fork(self, src: int, dst: int) -> None:
+        """Make empty slot `dst` a copy of `src`: DeltaNet state copied, full blocks shared,
+        the partly filled last block copied (both sequences will write to it)."""
+        for layer in self.conv:
+            self.conv[layer][dst] = self.conv[layer][src]
+            self.ssm[layer][dst] = self.ssm[layer][src]
+        length, blocks = self.lengths[src], self.tables[src]
+        full = length // self.block_size
+        self.adopt(dst, blocks[:full], full * self.block_size)
+        if full < len(blocks):
+            block = self._new_block()
+            for layer in self.k:
+                self.k[layer][block] = self.k[layer][blocks[full]]
+                self.v[layer][block] = self.v[layer][blocks[full]]
+            self._append_block(dst, block)
+        self.lengths[dst] = length
 
-    slot: int
-    start: int
-    length: int
-    offset: int
+    def _new_block(self) -> int:
+        block = self.pool.allocate()
+        if not self._zeroed[block]:
+            self._zero_block(block)
+        return block
 
-    @property
-    def rows(self) -> slice:
-        return slice(self.offset, self.offset + self.length)
+    def _zero_block(self, block: int) -> None:
+        for layer in self.k:
+            self.k[layer][block].zero_()
+            self.v[layer][block].zero_()
+        self._zeroed[block] = True
 
+    def _append_block(self, slot: int, block: int) -> None:
+        table = self.tables[slot]
+        if len(table) >= self.block_table.shape[1]:
+            raise CacheFullError(f"slot {slot}: longer than the model length")
+        self.block_table[slot, len(table)] = block
+        table.append(block)
 
-@dataclass(frozen=True)
-class StepLayout:
-    spans: tuple[SeqSpan, ...]
-    positions: torch.Tensor  # [T] absolute position of every token
-    decode: tuple[int, ...]  # indices of single-token spans (batched recurrent path)
-    prefill: tuple[int, ...]  # indices of the other spans (chunked path, one at a time)
+    # ------------------------------------------------------------- layer I/O
+    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [T, Hkv, D] -> rows `slot_mapping` [T] (block * bs + offset) of the pool."""
+        c = self.config
+        self.k[layer].view(-1, c.num_key_value_heads, c.head_dim).index_copy_(0, slot_mapping, k)
+        self.v[layer].view(-1, c.num_key_value_heads, c.head_dim).index_copy_(0, slot_mapping, v)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.positions.numel())
+    def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """blocks [n] -> keys, values [n, bs, Hkv, D]: copies into a reused workspace (a fresh
+        tensor per call would page-fault its whole size every step); valid until the next call."""
+        shape = (blocks.numel(), *self.k[layer].shape[1:])
+        size = math.prod(shape)
+        wk, wv = self._workspace
+        if wk.numel() < size:
+            wk, wv = torch.empty(size, dtype=self.dtype), torch.empty(size, dtype=self.dtype)
+            self._workspace = (wk, wv)
+        keys, values = wk[:size].view(shape), wv[:size].view(shape)
+        torch.index_select(self.k[layer], 0, blocks, out=keys)
+        torch.index_select(self.v[layer], 0, blocks, out=values)
+        return keys, values
 
-    @classmethod
-    def build(cls, slots_and_lengths: list[tuple[int, int]], cache: HybridCache) -> StepLayout:
-        """[(slot, new tokens)] -> layout, reading each slot's cached length from the cache."""
-        spans, positions, offset = [], [], 0
-        for slot, n in slots_and_lengths:
-            if n <= 0:
-                raise ValueError(f"slot {slot}: a span needs at least one token")
-            if not cache.is_allocated(slot):
-                raise ValueError(f"slot {slot} is not allocated")
-            start = cache.lengths[slot]
-            spans.append(SeqSpan(slot, start, n, offset))
-            positions.append(torch.arange(start, start + n))
-            offset += n
-        if len({s.slot for s in spans}) != len(spans):
-            raise ValueError("a slot appears twice in one step")
-        decode = tuple(i for i, s in enumerate(spans) if s.length == 1)
-        prefill = tuple(i for i, s in enumerate(spans) if s.length > 1)
-        return cls(tuple(spans), torch.cat(positions), decode, prefill)
+    def usage(self) -> dict[str, int]:
+        return {
+            "kv_blocks_total": self.pool.num_usable,
+            "kv_blocks_free": self.pool.num_available,
+            "kv_block_evictions": self.pool.evictions,
+        }

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.cache import HybridCache, SeqSpan, StepLayout
+from workers.cache import HybridCache
 from workers.config import ModelConfig
 from workers.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from workers.layout import SeqSpan, StepLayout
 from workers.norms import GatedRMSNorm
 
 

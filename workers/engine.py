@@ -1,9 +1,10 @@
 """Continuous-batching engine: schedule -> run -> post-process, one step at a time.
 
-Every step admits waiting requests while cache slots are free, retires finished ones, and mixes
-chunked prefill with decode under a per-step token budget (decode first, so running streams
-never stall behind a long prompt). The engine is single-threaded: `add_request` and `abort`
-may be called from other threads; they are applied at the start of the next step.
+Every step admits waiting requests while cache slots and KV blocks are free, retires finished
+ones, and mixes chunked prefill with decode under a per-step token budget (workers/scheduler.py
+decides; it preempts the youngest request when blocks run out). The engine is
+single-threaded: `add_request` and `abort` may be called from other threads; they are applied
+at the start of the next step.
 """
 
 from __future__ import annotations
@@ -21,19 +22,10 @@ import torch
 from workers.requests import EngineConfig, Request, RequestError, RequestOutput, ResumeState
 from workers.runner import ModelRunner
 from workers.sampler import SamplingParams, sample
+from workers.scheduler import Scheduler, Work
 from workers.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Work:
-    """This step's tokens for one request; `sample` when they end its prompt or are a decode."""
-
-    request: Request
-    tokens: list[int]
-    sample: bool
-    decode: bool = False
 
 
 @dataclass
@@ -58,8 +50,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(runner.config.eos_token_ids)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.scheduler = Scheduler(runner.cache, config)
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0
@@ -82,6 +73,7 @@ class Engine:
         request.attach_detokenizer(self.tokenizer)
         if resume is not None:
             request.resume(resume, self.eos_ids, model.vocab_size)
+        self._check_fits(request)
         with self._lock:  # requests that free slots will admit at once do not queue
             capacity = self.config.max_queue + self.runner.cache.num_free
             if self._pending + len(self.waiting) >= capacity:
@@ -96,13 +88,21 @@ class Engine:
         return bool(self.waiting or self.running or not self._inbox.empty())
 
     @property
+    def waiting(self) -> deque[Request]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
     def num_free_slots(self) -> int:
         return self.runner.cache.num_free
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         outputs = self._apply_inbox()
-        work = self.schedule()
+        work = self.scheduler.schedule()
         if not work:
             return outputs
         start = time.perf_counter()
@@ -111,32 +111,17 @@ class Engine:
         except Exception as exc:  # a failed step poisons the caches of exactly these requests
             log.exception("step failed; aborting %d requests", len(work))
             return outputs + [self._finish(w.request, "error", error=str(exc)) for w in work]
+        self.scheduler.after_step(work)
         outputs += self.post_process(work, logits)
         self._account(work, time.perf_counter() - start)
         return outputs
 
     def schedule(self) -> list[Work]:
-        budget = self.config.max_num_batched_tokens
-        work: list[Work] = []
-        for req in self.running:  # decodes first: one token each
-            if req.num_pending == 1 and budget > 0:
-                work.append(Work(req, req.next_tokens(1), True, decode=bool(req.output_ids)))
-                budget -= 1
-        for req in self.running:  # then continue partial prefills
-            if req.num_pending > 1 and budget > 0:
-                budget -= self._add_prefill(req, budget, work)
-        while self.waiting and budget > 0 and self._can_admit():
-            req = self.waiting.popleft()
-            req.slot = self.runner.allocate()
-            self.running.append(req)
-            budget -= self._add_prefill(req, budget, work)
-        return work
+        return self.scheduler.schedule()
 
     def run(self, work: list[Work]) -> torch.Tensor:
         """Forward the step; logits [B, V] of the sampling requests (in `work` order)."""
         logits = self.runner.step([(w.request.slot, w.tokens) for w in work])
-        for w in work:
-            w.request.num_computed += len(w.tokens)
         keep = torch.tensor([i for i, w in enumerate(work) if w.sample], dtype=torch.long)
         return logits[keep]
 
@@ -156,13 +141,18 @@ class Engine:
         return outputs
 
     # ----------------------------------------------------------------- helpers
-    def _add_prefill(self, req: Request, budget: int, work: list[Work]) -> int:
-        chunk = req.next_tokens(min(budget, self.config.max_prefill_chunk))
-        work.append(Work(req, chunk, len(chunk) == req.num_pending))
-        return len(chunk)
-
-    def _can_admit(self) -> bool:
-        return len(self.running) < self.config.max_num_seqs and self.runner.cache.num_free > 0
+    def _check_fits(self, req: Request) -> None:
+        """A request that could not fit in the whole KV pool alone would never finish."""
+        cache = self.runner.cache
+        if not cache.settings.exact:
+            return
+        need = -(-(len(req.prompt_ids) + req.params.max_tokens) // cache.block_size)
+        if need > cache.pool.num_usable:
+            raise RequestError(
+                "too_long",
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) "
+                f"exceeds the KV cache of {cache.plan.kv_tokens} tokens",
+            )
 
     def _apply_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -173,25 +163,13 @@ class Engine:
                     self._pending -= 1
                 self.waiting.append(item)
             else:
-                req = self._find(item)
+                req = self.scheduler.find(item)
                 if req is not None:
                     outputs.append(self._finish(req, "abort"))
         return outputs
 
-    def _find(self, request_id: str) -> Request | None:
-        for req in (*self.running, *self.waiting):
-            if req.request_id == request_id:
-                return req
-        return None
-
     def _finish(self, req: Request, reason: str, error: str | None = None) -> RequestOutput:
-        if req in self.running:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        if req.slot is not None:
-            self.runner.free(req.slot)
-            req.slot = None
+        self.scheduler.remove(req)
         self.stats.finished += 1
         self.stats.errors += reason == "error"
         return req.finish(reason, error)

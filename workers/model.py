@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from workers.attention import GatedAttention
-from workers.cache import HybridCache, StepLayout
+from workers.cache import HybridCache
 from workers.config import LINEAR, ModelConfig
 from workers.deltanet import GatedDeltaNet
 from workers.experts import ExpertBackend
+from workers.layout import StepLayout
 from workers.moe import SparseMoE
 from workers.norms import RMSNorm
 

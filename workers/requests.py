@@ -77,6 +77,7 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     index: int = 0  # choice index (n > 1)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         return dataclasses.replace(
@@ -100,6 +101,9 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # accumulated output text (stop strings removed)
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first admission)
+    block_hashes: list[bytes] | None = None  # chain hashes of the full prompt blocks
+    num_registered: int = 0  # prompt blocks indexed in the prefix cache
     _sent_tokens: int = 0
     _sent_chars: int = 0
 
@@ -217,6 +221,7 @@ class Request:
             self.text[self._sent_chars : end],
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
+            cached_tokens=self.cached_tokens or 0,
         )
         self._sent_tokens, self._sent_chars = len(self.output_ids), end
         return out

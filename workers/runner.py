@@ -11,9 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
-from workers.cache import HybridCache, StepLayout
+from workers.blocks import CacheFullError
+from workers.cache import HybridCache
+from workers.cache_config import CacheConfig
 from workers.config import ModelConfig
 from workers.experts import ExpertBackend
+from workers.layout import StepLayout
 from workers.model import Qwen3NextLM
 
 
@@ -25,11 +28,13 @@ class ModelRunner:
         max_seqs: int = 64,
         dtype: torch.dtype = torch.float32,
         micro_batches: int = 1,
+        cache_config: CacheConfig | None = None,
+        max_model_len: int = 4096,
     ) -> None:
         self.lm = lm
         self.config: ModelConfig = lm.config
         self.experts = experts
-        self.cache = HybridCache(self.config, max_seqs, dtype=dtype)
+        self.cache = HybridCache(self.config, max_seqs, dtype, cache_config, max_model_len)
         # >1: ping-pong layers so dense compute hides remote expert calls; pays when the
         # shards run on other nodes, costs extra calls when they share this node's cores
         self.micro_batches = micro_batches
@@ -45,15 +50,17 @@ class ModelRunner:
         self, batch: Sequence[tuple[int, Sequence[int]]], all_logits: bool = False
     ) -> torch.Tensor | list[torch.Tensor]:
         """[(slot, new token ids)] -> logits of each sequence's last token [B, V] (fp32), or
-        with all_logits, a list of [n_i, V] for every new position."""
+        with all_logits, a list of [n_i, V] for every new position. Takes the KV blocks the
+        new tokens need (CacheFullError, before anything moves, when the pool is short)."""
         parts = split_batch(batch, self.micro_batches)
-        layouts = [
-            StepLayout.build([(slot, len(ids)) for slot, ids in p], self.cache) for p in parts
-        ]
         input_ids = [
             torch.tensor([t for _, ids in p for t in ids], dtype=torch.long) for p in parts
         ]
         self._check_vocab(input_ids)
+        self._reserve(batch)
+        layouts = [
+            StepLayout.build([(slot, len(ids)) for slot, ids in p], self.cache) for p in parts
+        ]
         hiddens = self.lm.hidden_states(input_ids, layouts, self.cache, self.experts)  # [T_i, H]
         if all_logits:
             pairs = zip(hiddens, layouts, strict=True)
@@ -61,6 +68,14 @@ class ModelRunner:
         pairs = zip(hiddens, layouts, strict=True)
         last = [h[[s.offset + s.length - 1 for s in lay.spans]] for h, lay in pairs]
         return self.lm.logits(torch.cat(last))  # [B, V] in batch order
+
+    def _reserve(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
+        cache = self.cache
+        need = sum(cache.blocks_needed(slot, len(ids)) for slot, ids in batch)
+        if need > cache.num_free_blocks:
+            raise CacheFullError(f"the step needs {need} KV blocks, {cache.num_free_blocks} free")
+        for slot, ids in batch:
+            cache.reserve(slot, len(ids))
 
     def _check_vocab(self, input_ids: list[torch.Tensor]) -> None:
         """The engine validates prompts at admission; this guards direct callers (one check)."""
