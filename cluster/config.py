@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from workers.cache_config import CacheConfig
 from workers.config import COMPUTE_DTYPES
 from workers.quant import EXPERT_DTYPES
 from workers.requests import EngineConfig
@@ -64,7 +65,20 @@ class DenseConfig:
     # ping-pong micro-batches per step (2 overlaps dense compute with expert calls when the
     # shards are on other nodes; on one small node it only adds calls)
     micro_batches: int = 1
+    # hybrid cache (workers/cache_config.py): one memory budget for KV blocks, DeltaNet states
+    # and prefix snapshots; kv_cache_gb, or kv_cache_fraction of the memory available at
+    # start, or (neither) what max_num_seqs full-length sequences need
+    kv_cache_gb: float | None = None
+    kv_cache_fraction: float | None = None
+    kv_block_size: int = 16
+    prefix_caching: bool = True
+    prefix_snapshot_every: int = 512
+    prefix_snapshot_fraction: float = 0.1
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+    def cache_config(self) -> CacheConfig:
+        names = [f.name for f in dataclasses.fields(CacheConfig)]
+        return CacheConfig(**{name: getattr(self, name) for name in names})
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -175,6 +189,7 @@ def _validate(c: ClusterConfig) -> None:
             raise ClusterConfigError(f"{key}: {message}")
     try:
         c.dense.engine_config()
+        c.dense.cache_config()
     except ValueError as exc:
         raise ClusterConfigError(f"dense.{exc}") from None
 

@@ -161,6 +161,7 @@ class _RemoteDenseWorker:
             experts=connect_expert_backend(config),
             micro_batches=config.dense.micro_batches,
             expert_dtype=config.experts.dtype,
+            cache_config=config.dense.cache_config(),
         )
 
     def generate(self, prompts, params):

@@ -53,6 +53,7 @@ class DenseReplica:
             experts,
             micro_batches=config.dense.micro_batches,
             expert_dtype=config.experts.dtype,
+            cache_config=config.dense.cache_config(),
         )
         self.engine = AsyncEngine(self.worker.engine)
         self.model_name = model_name

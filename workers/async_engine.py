@@ -79,7 +79,7 @@ class AsyncEngine:
             "finished": s.finished,
             "errors": s.errors,
             "step_seconds": s.step_seconds,
-        }
+        } | e.cache_stats()
 
     # ------------------------------------------------------------- engine thread
     def _loop(self) -> None:

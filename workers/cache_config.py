@@ -21,7 +21,6 @@ import torch
 from workers.config import ModelConfig
 
 GB = 1 << 30
-KV_POLICIES = ("none", "sink_window")
 
 
 @dataclass(frozen=True)
@@ -32,9 +31,6 @@ class CacheConfig:
     prefix_caching: bool = True
     prefix_snapshot_every: int = 512  # tokens between a prompt's DeltaNet snapshots
     prefix_snapshot_fraction: float = 0.1  # share of the budget kept for snapshots
-    kv_eviction: str = "none"  # "sink_window": attention keeps kv_sink_tokens + the last
-    kv_sink_tokens: int = 64  # kv_window_tokens of each sequence
-    kv_window_tokens: int = 1024
 
     def __post_init__(self) -> None:
         rules = [
@@ -47,9 +43,6 @@ class CacheConfig:
              and self.prefix_snapshot_every % self.kv_block_size == 0, "prefix_snapshot_every",
              f"a positive multiple of kv_block_size ({self.kv_block_size})"),
             (0 < self.prefix_snapshot_fraction < 1, "prefix_snapshot_fraction", "in (0, 1)"),
-            (self.kv_eviction in KV_POLICIES, "kv_eviction", f"one of {list(KV_POLICIES)}"),
-            (self.kv_sink_tokens >= 0, "kv_sink_tokens", ">= 0"),
-            (self.kv_window_tokens >= self.kv_block_size, "kv_window_tokens", ">= kv_block_size"),
         ]  # fmt: skip
         for ok, name, rule in rules:
             if not ok:
@@ -58,14 +51,8 @@ class CacheConfig:
             raise ValueError("kv_cache_gb: set kv_cache_gb or kv_cache_fraction, not both")
 
     @property
-    def exact(self) -> bool:
-        """True when the full-attention layers keep every token (no eviction policy)."""
-        return self.kv_eviction == "none"
-
-    @property
     def caches_prefixes(self) -> bool:
-        """Sequences under an eviction policy never share exact-cache blocks."""
-        return self.prefix_caching and self.exact
+        return self.prefix_caching
 
 
 @dataclass(frozen=True)
@@ -128,7 +115,7 @@ def plan_cache(
     slots = max_seqs * state
     snapshots = int(share * budget) // state if share else 0
     blocks = (budget - slots - snapshots * state) // block
-    if blocks < (seq_blocks if config.exact else min(seq_blocks, _policy_blocks(config))):
+    if blocks < seq_blocks:
         what = (
             f"kv_cache_gb={config.kv_cache_gb}"
             if config.kv_cache_gb is not None
@@ -143,15 +130,6 @@ def plan_cache(
             f"of KV (raise the budget, or lower max_model_len or max_num_seqs)"
         )
     return CachePlan(max_seqs, blocks + 1, config.kv_block_size, snapshots, state, token, budget)
-
-
-def _policy_blocks(config: CacheConfig) -> int:
-    """Blocks one sequence holds at most under the eviction policy."""
-    return (
-        math.ceil(config.kv_sink_tokens / config.kv_block_size)
-        + math.ceil(config.kv_window_tokens / config.kv_block_size)
-        + 2
-    )
 
 
 def available_memory() -> int:

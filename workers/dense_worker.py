@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from workers.cache_config import CacheConfig
 from workers.checkpoint import load_dense_weights, load_expert_weights
 from workers.config import ModelConfig, compute_dtype
 from workers.engine import Engine
@@ -65,6 +66,7 @@ class DenseWorker:
         progress: bool = False,
         micro_batches: int = 1,
         expert_dtype: str | None = None,
+        cache_config: CacheConfig | None = None,
     ) -> None:
         torch_dtype = compute_dtype(dtype)
         self.model_dir = model_dir
@@ -72,8 +74,19 @@ class DenseWorker:
         lm = load_lm(model_dir, torch_dtype, progress)
         self.experts = experts or local_experts(model_dir, torch_dtype, progress, expert_dtype)
         runner = ModelRunner(
-            lm, self.experts, self.engine_config.max_num_seqs, torch_dtype, micro_batches
+            lm,
+            self.experts,
+            self.engine_config.max_num_seqs,
+            torch_dtype,
+            micro_batches,
+            cache_config,
+            self.engine_config.max_model_len,
         )
+        cache = runner.cache
+        log.info(
+            "%s; prefix caching %s", cache.plan.describe(),
+            "on" if cache.settings.caches_prefixes else "off",
+        )  # fmt: skip
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = Engine(runner, self.engine_config, self.tokenizer)
 

@@ -99,6 +99,13 @@ class Engine:
     def num_free_slots(self) -> int:
         return self.runner.cache.num_free
 
+    def cache_stats(self) -> dict[str, int]:
+        """KV block usage, preemptions and prefix-cache counters (lifetime totals)."""
+        stats = self.runner.cache.usage() | {"preemptions": self.scheduler.preemptions}
+        if self.scheduler.prefix is not None:
+            stats |= self.scheduler.prefix.stats()
+        return stats
+
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         outputs = self._apply_inbox()
@@ -144,8 +151,6 @@ class Engine:
     def _check_fits(self, req: Request) -> None:
         """A request that could not fit in the whole KV pool alone would never finish."""
         cache = self.runner.cache
-        if not cache.settings.exact:
-            return
         need = -(-(len(req.prompt_ids) + req.params.max_tokens) // cache.block_size)
         if need > cache.pool.num_usable:
             raise RequestError(

@@ -18,6 +18,7 @@ def test_defaults_and_nested_overrides(tmp_path):
     assert c.experts.shards == 4 and c.experts.placement == "strict_spread"
     assert c.dense.micro_batches == 2 and c.dense.max_num_seqs == 32
     assert c.dense.engine_config().max_num_seqs == 32
+    assert c.dense.cache_config().prefix_caching and c.dense.cache_config().kv_block_size == 16
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.dtype = "bfloat16"  # type: ignore[misc]
 
@@ -37,6 +38,12 @@ def test_defaults_and_nested_overrides(tmp_path):
         ({"dtype": "int8"}, "dtype: expected one of"),
         ({"experts": {"dtype": "fp8"}}, "experts.dtype: expected one of"),
         ({"experts": {"dtype": 8}}, "experts.dtype: expected str or NoneType"),
+        ({"dense": {"kv_block_size": 12}}, "dense.kv_block_size: must be a power of two"),
+        ({"dense": {"kv_cache_gb": -1}}, "dense.kv_cache_gb: must be > 0"),
+        ({"dense": {"kv_cache_gb": 1, "kv_cache_fraction": 0.5}}, "dense.kv_cache_gb: set"),
+        ({"dense": {"kv_cache_fraction": 1.5}}, "dense.kv_cache_fraction: must be in (0, 0.95]"),
+        ({"dense": {"prefix_snapshot_every": 100}}, "dense.prefix_snapshot_every: must be a"),
+        ({"dense": {"prefix_caching": "yes"}}, "dense.prefix_caching: expected bool"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):

@@ -110,15 +110,17 @@ def test_error_body_kinds():
     assert RequestError("unavailable", "x").http_status == 503
 
 
-def _out(ids, text, finished=False, reason=None):
-    return RequestOutput("r", ids, [-0.5] * len(ids), text, finished, reason, 3, len(ids))
+def _out(ids, text, finished=False, reason=None, cached=0):
+    return RequestOutput(
+        "r", ids, [-0.5] * len(ids), text, finished, reason, 3, len(ids), cached_tokens=cached
+    )
 
 
 def test_completion_response_with_logprobs(tok):
     req = _parse({"model": "m", "prompt": "x", "logprobs": 0, "return_token_ids": True})
     fmt = CompletionFormat("cmpl-1", "m", tok, req)
     ids = tok.encode("hello world")
-    r = fmt.response(_out(ids, "hello world", True, "length"))
+    r = fmt.response(_out(ids, "hello world", True, "length", cached=2))
     choice = r["choices"][0]
     assert choice["token_ids"] == ids and choice["finish_reason"] == "length"
     assert "".join(choice["logprobs"]["tokens"]) == "hello world"
@@ -127,6 +129,7 @@ def test_completion_response_with_logprobs(tok):
         "prompt_tokens": 3,
         "completion_tokens": len(ids),
         "total_tokens": 3 + len(ids),
+        "prompt_tokens_details": {"cached_tokens": 2},
     }
 
 
