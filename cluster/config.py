@@ -74,6 +74,10 @@ class DenseConfig:
     prefix_caching: bool = True
     prefix_snapshot_every: int = 512
     prefix_snapshot_fraction: float = 0.1
+    # Serve routes a request to the replica holding its prompt's prefix unless that replica
+    # has more than prefix_routing_imbalance ongoing requests above the least loaded one
+    prefix_routing: bool = True
+    prefix_routing_imbalance: int = 8
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def cache_config(self) -> CacheConfig:
@@ -176,6 +180,7 @@ def _validate(c: ClusterConfig) -> None:
         (c.experts.max_message_mb > 0, "experts.max_message_mb", "must be > 0"),
         (c.dense.num_cpus >= 0, "dense.num_cpus", "must be >= 0"),
         (1 <= c.dense.micro_batches <= 8, "dense.micro_batches", "must be in [1, 8]"),
+        (c.dense.prefix_routing_imbalance >= 0, "dense.prefix_routing_imbalance", "must be >= 0"),
         (c.dense.autoscaling.min_replicas >= 1, "dense.autoscaling.min_replicas", "must be >= 1"),
         (c.dense.autoscaling.max_replicas >= c.dense.autoscaling.min_replicas,
          "dense.autoscaling.max_replicas", "must be >= min_replicas"),

@@ -26,6 +26,7 @@ from deploy.metrics import Metrics
 from deploy.openai_api import ChatCompletionRequest, CompletionRequest, error_body, parse_request
 from deploy.openai_format import SSE_DONE, ChatFormat, CompletionFormat, sse
 from deploy.params import InvalidParam, ModelInfo, StreamError, prompt_ids, sampling_params
+from deploy.prefix_router import router_config
 from workers.requests import RequestError, RequestOutput, ResumeState
 from workers.sampler import SamplingParams
 
@@ -302,10 +303,12 @@ def build_app(config: ClusterConfig, model_dir: str) -> Application:
         "upscale_delay_s": a.upscale_delay_s,
         "downscale_delay_s": a.downscale_delay_s,
     }
+    routing = {"request_router_config": router_config(d.prefix_routing_imbalance)}
     dense = DenseReplica.options(
         ray_actor_options=actor,
         autoscaling_config=autoscaling,
         max_ongoing_requests=d.max_num_seqs + d.max_queue + 16,  # engine queues; +16 for stats
+        **(routing if d.prefix_routing else {}),
     ).bind(model_dir, config, name)
     grpc_ingress = GrpcIngress.bind(dense, model_dir, name, s.host, s.grpc_port)
     return OpenAIIngress.bind(dense, grpc_ingress, model_dir, name)
