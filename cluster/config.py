@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from cluster.autoscaler import ShardAutoscalingConfig
+from cluster.expert_load import LoadThresholds
+from cluster.rebalancer import RebalanceConfig
 from workers.cache_config import CacheConfig
 from workers.config import COMPUTE_DTYPES
 from workers.quant import EXPERT_DTYPES
@@ -32,6 +35,16 @@ class ClusterConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """How the pool controller tells a dead shard from a slow one (`experts.health`)."""
+
+    probe_interval_s: float = 1.0  # ping every shard this often
+    probe_timeout_s: float = 10.0  # a ping slower than this is a failed probe
+    probe_failures: int = 3  # consecutive failed probes = dead (Ray's actor death: at once)
+    start_timeout_s: float = 300.0  # a new shard must be serving within this
+
+
+@dataclass(frozen=True)
 class ExpertsConfig:
     shards: int = 2  # expert-shard actors (0 = experts local in every dense replica)
     placement: str = "spread"  # Ray placement-group strategy for the shards
@@ -42,6 +55,17 @@ class ExpertsConfig:
     # routed-expert storage: float32 | bfloat16 | int8 | int4 (weight-only, fp32 scales;
     # workers/quant.py); null = the compute dtype (`dtype`). Shards and local experts alike.
     dtype: str | None = None
+    # extra (layer, expert) copies a shard may hold per layer beyond its share ceil(E / shards)
+    # (the rebalancer's memory budget: redundant_per_shard x layers x one expert's bytes)
+    redundant_per_shard: int = 0
+    # Ray restarts a dead shard actor in place up to this many times (the pool controller then
+    # re-syncs its experts and address); 0: the controller starts a replacement instead
+    max_restarts: int = 0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per shard
+    load: LoadThresholds = field(default_factory=LoadThresholds)
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
+    autoscaling: ShardAutoscalingConfig = field(default_factory=ShardAutoscalingConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass(frozen=True)
@@ -154,6 +178,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{path}.")
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ClusterConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        return {
+            _coerce(key_type, k, f"{path}.{k}"): _coerce(value_type, v, f"{path}.{k}")
+            for k, v in value.items()
+        }
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
@@ -178,6 +210,7 @@ def _validate(c: ClusterConfig) -> None:
         (c.experts.num_gpus >= 0, "experts.num_gpus", "must be >= 0"),
         (c.experts.rpc_timeout_s > 0, "experts.rpc_timeout_s", "must be > 0"),
         (c.experts.max_message_mb > 0, "experts.max_message_mb", "must be > 0"),
+        *_expert_pool_rules(c.experts),
         (c.dense.num_cpus >= 0, "dense.num_cpus", "must be >= 0"),
         (1 <= c.dense.micro_batches <= 8, "dense.micro_batches", "must be in [1, 8]"),
         (c.dense.prefix_routing_imbalance >= 0, "dense.prefix_routing_imbalance", "must be >= 0"),
@@ -197,6 +230,43 @@ def _validate(c: ClusterConfig) -> None:
         c.dense.cache_config()
     except ValueError as exc:
         raise ClusterConfigError(f"dense.{exc}") from None
+
+
+def _expert_pool_rules(e: ExpertsConfig) -> list[tuple[bool, str, str]]:
+    """Rules of the elastic pool's keys (load window, rebalancer, autoscaler, health)."""
+    a, r, w, h = e.autoscaling, e.rebalance, e.load, e.health
+    rules = [
+        (e.redundant_per_shard >= 0, "experts.redundant_per_shard", "must be >= 0"),
+        (e.max_restarts >= 0, "experts.max_restarts", "must be >= 0"),
+        (w.window_s > 0, "experts.load.window_s", "must be > 0"),
+        (w.collapse_top_n >= 1, "experts.load.collapse_top_n", "must be >= 1"),
+        (0 < w.collapse_share <= 1, "experts.load.collapse_share", "must be in (0, 1]"),
+        (w.min_pairs >= 0, "experts.load.min_pairs", "must be >= 0"),
+        (r.interval_s >= 0, "experts.rebalance.interval_s", "must be >= 0"),
+        (r.trigger >= 1, "experts.rebalance.trigger", "must be >= 1 (max/mean imbalance)"),
+        (0 <= r.min_gain < 1, "experts.rebalance.min_gain", "must be in [0, 1)"),
+        (r.min_pairs >= 0, "experts.rebalance.min_pairs", "must be >= 0"),
+        (h.probe_interval_s > 0, "experts.health.probe_interval_s", "must be > 0"),
+        (h.probe_timeout_s > 0, "experts.health.probe_timeout_s", "must be > 0"),
+        (h.probe_failures >= 1, "experts.health.probe_failures", "must be >= 1"),
+        (h.start_timeout_s > 0, "experts.health.start_timeout_s", "must be > 0"),
+        (0 < a.target_load <= 1, "experts.autoscaling.target_load", "must be in (0, 1]"),
+        (a.upscale_delay_s >= 0, "experts.autoscaling.upscale_delay_s", "must be >= 0"),
+        (a.downscale_delay_s >= 0, "experts.autoscaling.downscale_delay_s", "must be >= 0"),
+        (a.min_shards >= 1, "experts.autoscaling.min_shards", "must be >= 1"),
+        (a.max_shards >= a.min_shards, "experts.autoscaling.max_shards", "must be >= min_shards"),
+    ]
+    for name, amount in e.resources.items():
+        rules.append((name not in ("CPU", "GPU", "memory", ""), f"experts.resources.{name}",
+                      "use experts.num_cpus / num_gpus for CPU and GPU"))  # fmt: skip
+        rules.append((amount > 0, f"experts.resources.{name}", "must be > 0"))
+    if a.enabled:
+        rules += [
+            (e.shards >= 1, "experts.autoscaling.enabled", "needs expert shards (shards >= 1)"),
+            (a.min_shards <= e.shards <= a.max_shards, "experts.shards",
+             f"must be within autoscaling [{a.min_shards}, {a.max_shards}] (the start size)"),
+        ]  # fmt: skip
+    return rules
 
 
 def load_config(args: dict[str, Any]) -> ClusterConfig:

@@ -164,18 +164,48 @@ def _sample(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def random_weights(
-    config: ModelConfig, seed: int = 0, expert_layout: str = "per-expert"
+    config: ModelConfig,
+    seed: int = 0,
+    expert_layout: str = "per-expert",
+    skew: tuple[int, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, in the config's storage dtype, in HF key order."""
+    """Every tensor of the checkpoint, in the config's storage dtype, in HF key order.
+
+    `skew` = (hot, factor): in every layer, `hot` experts (their own per layer; see
+    `hot_experts`) get their router gate rows scaled by `factor` (> 1: chosen more often)."""
     from workers.checkpoint import expected_dense_shapes
 
     if expert_layout not in ("per-expert", "fused"):
         raise ValueError(f"expert_layout: expected 'per-expert' or 'fused', got {expert_layout!r}")
     dtype = _DTYPES[config.torch_dtype]
-    out = {k: _sample(k, s, seed).to(dtype) for k, s in expected_dense_shapes(config).items()}
+    shapes = expected_dense_shapes(config)
+    samples = {k: _sample(k, s, seed) for k, s in shapes.items()}
+    if skew is not None:
+        _apply_skew(samples, config, seed, *skew)
+    out = {k: t.to(dtype) for k, t in samples.items()}
     for layer in range(config.num_hidden_layers):
         out.update(_expert_tensors(config, layer, seed, expert_layout, dtype))
     return out
+
+
+def hot_experts(config: ModelConfig, layer: int, seed: int, hot: int) -> list[int]:
+    """The `hot` experts `--skew` makes hot in `layer` (a seeded draw per layer, ascending)."""
+    gen = _generator(seed, f"skew:{layer}")
+    return sorted(torch.randperm(config.num_experts, generator=gen)[:hot].tolist())
+
+
+def _apply_skew(
+    samples: dict[str, torch.Tensor], config: ModelConfig, seed: int, hot: int, factor: float
+) -> None:
+    """Scale the hot experts' router gate rows (router logits x factor: a wider spread, so
+    top-k picks them more often). No new parameters: the checkpoint stays a valid Qwen3-Next."""
+    if not 1 <= hot <= config.num_experts:
+        raise ValueError(f"skew: hot experts must be in [1, {config.num_experts}], got {hot}")
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"skew: factor must be a finite number > 0, got {factor}")
+    for layer in range(config.num_hidden_layers):
+        rows = hot_experts(config, layer, seed, hot)
+        samples[f"model.layers.{layer}.mlp.gate.weight"][rows] *= factor
 
 
 def _expert_tensors(
@@ -238,10 +268,12 @@ def make_checkpoint(
     tokenizer: bool = True,
     shard_size_mb: float | None = None,
     moe_intermediate_size: int | None = None,
+    skew: tuple[int, float] | None = None,
 ) -> Path:
     """Write a random-weight HF Qwen3-Next checkpoint (+ tokenizer) to `out_dir`; return it.
 
-    `dtype` ("float32" | "bfloat16") overrides the preset's storage dtype.
+    `dtype` ("float32" | "bfloat16") overrides the preset's storage dtype; `skew` = (hot,
+    factor) makes `hot` experts per layer hot (see `random_weights`).
     """
     out = Path(out_dir)
     tok = build_tokenizer()
@@ -250,7 +282,7 @@ def make_checkpoint(
         if moe_intermediate_size < 1:
             raise ValueError(f"moe_intermediate_size: must be >= 1, got {moe_intermediate_size}")
         config = dataclasses.replace(config, moe_intermediate_size=moe_intermediate_size)
-    tensors = random_weights(config, seed, expert_layout)
+    tensors = random_weights(config, seed, expert_layout, skew)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", hf_config(config))
     gen = {"eos_token_id": config.eos_token_ids[0], "pad_token_id": config.pad_token_id}
@@ -298,8 +330,22 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--moe-intermediate-size", type=int, default=None,
                    help="override the preset's expert intermediate size (e.g. block at 128 "
                    "where memory is short)")  # fmt: skip
+    p.add_argument("--skew", type=_skew, default=None, metavar="HOT:FACTOR",
+                   help="make HOT experts per layer hot: their router gate rows x FACTOR "
+                   "(e.g. 8:3; the experts differ per layer; no new parameters)")  # fmt: skip
     p.set_defaults(func=_cli_main)
     return p
+
+
+def _skew(value: str) -> tuple[int, float]:
+    try:
+        hot, factor = value.split(":")
+        out = (int(hot), float(factor))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOT:FACTOR (e.g. 8:3), got {value!r}") from None
+    if out[0] < 1 or not (out[1] > 0 and math.isfinite(out[1])):
+        raise argparse.ArgumentTypeError(f"expected HOT >= 1 and FACTOR > 0, got {value!r}")
+    return out
 
 
 def _cli_main(args: argparse.Namespace) -> int:
@@ -312,6 +358,7 @@ def _cli_main(args: argparse.Namespace) -> int:
         tokenizer=not args.no_tokenizer,
         shard_size_mb=args.shard_size_mb,
         moe_intermediate_size=args.moe_intermediate_size,
+        skew=args.skew,
     )
     print(path)
     return 0

@@ -59,3 +59,37 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("experts: [unclosed\n")
     with pytest.raises(ClusterConfigError, match="not valid YAML"):
         ClusterConfig.from_yaml(bad)
+
+
+def test_elastic_pool_keys_load_and_bad_ones_name_the_key():
+    c = ClusterConfig.from_dict({"experts": {
+        "shards": 2, "redundant_per_shard": 3, "max_restarts": 1,
+        "resources": {"expert_shard": 1},
+        "load": {"window_s": 30, "collapse_top_n": 2, "collapse_share": 0.4},
+        "rebalance": {"enabled": True, "interval_s": 10, "trigger": 1.1},
+        "autoscaling": {"enabled": True, "min_shards": 1, "max_shards": 6, "target_load": 0.7},
+        "health": {"probe_interval_s": 0.5, "probe_failures": 2},
+    }})  # fmt: skip
+    e = c.experts
+    assert e.redundant_per_shard == 3 and e.resources == {"expert_shard": 1.0}
+    assert e.load.window_s == 30.0 and e.rebalance.enabled and e.rebalance.trigger == 1.1
+    assert e.autoscaling.max_shards == 6 and e.health.probe_failures == 2
+    bad = [
+        ({"redundant_per_shard": -1}, "experts.redundant_per_shard: must be >= 0"),
+        ({"resources": {"CPU": 1}}, "experts.resources.CPU: use experts.num_cpus"),
+        ({"resources": {"x": 0}}, "experts.resources.x: must be > 0"),
+        ({"resources": ["x"]}, "experts.resources: expected a mapping"),
+        ({"load": {"collapse_share": 1.5}}, "experts.load.collapse_share"),
+        ({"rebalance": {"trigger": 0.9}}, "experts.rebalance.trigger: must be >= 1"),
+        ({"rebalance": {"min_gain": 1.0}}, "experts.rebalance.min_gain"),
+        ({"autoscaling": {"target_load": 0}}, "experts.autoscaling.target_load"),
+        ({"autoscaling": {"min_shards": 3, "max_shards": 2}}, "autoscaling.max_shards"),
+        ({"autoscaling": {"enabled": True, "min_shards": 3, "max_shards": 4}},
+         "experts.shards: must be within autoscaling [3, 4]"),
+        ({"shards": 0, "autoscaling": {"enabled": True}}, "needs expert shards"),
+        ({"health": {"probe_failures": 0}}, "experts.health.probe_failures: must be >= 1"),
+        ({"autoscaling": {"typo": 1}}, "experts.autoscaling.typo: unknown key"),
+    ]  # fmt: skip
+    for raw, message in bad:
+        with pytest.raises(ClusterConfigError, match=message.replace("[", r"\[")):
+            ClusterConfig.from_dict({"experts": raw})

@@ -188,3 +188,46 @@ def test_small_preset(tmp_path: Path) -> None:
     w = load_expert_weights(path, config, experts=[0, 511], layers=[7], progress=False)
     truth = random_weights(config, expert_layout="fused")["model.layers.7.mlp.experts.down_proj"]
     assert torch.equal(w.w2[7], truth[[0, 511]].float())
+
+
+def test_skew_scales_only_hot_gate_rows_and_makes_them_hot(tiny: Path, tmp_path: Path) -> None:
+    from workers.dense_worker import DenseWorker, local_experts
+    from workers.expert_load import CountingExpertBackend
+    from workers.sampler import SamplingParams
+
+    path = make_checkpoint(tmp_path / "skew", "tiny", skew=(4, 3.0), tokenizer=False)
+    skewed, plain = load_file(path / "model.safetensors"), load_file(tiny / "model.safetensors")
+    assert skewed.keys() == plain.keys()  # no new parameters
+    config = ModelConfig.from_hf(path)
+    for key in plain:
+        if not key.endswith("mlp.gate.weight"):
+            assert torch.equal(skewed[key], plain[key]), key
+            continue
+        layer = int(key.split(".")[2])
+        hot = mc.hot_experts(config, layer, 0, 4)
+        cold = [e for e in range(config.num_experts) if e not in hot]
+        torch.testing.assert_close(skewed[key][hot], plain[key][hot] * 3.0)
+        assert torch.equal(skewed[key][cold], plain[key][cold])
+    assert mc.hot_experts(config, 0, 0, 4) != mc.hot_experts(config, 1, 0, 4)  # per layer
+    model, info = transformers.Qwen3NextForCausalLM.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    counting = CountingExpertBackend(
+        local_experts(path, torch.float32, False), config.num_hidden_layers, config.num_experts
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (24,), generator=gen).tolist() for _ in range(6)]
+    DenseWorker(str(path), experts=counting).generate(prompts, SamplingParams(max_tokens=4))
+    counts = counting.take().float()
+    for layer in range(config.num_hidden_layers):
+        share = counts[layer, mc.hot_experts(config, layer, 0, 4)].sum() / counts[layer].sum()
+        assert share > 2 * 4 / config.num_experts, (layer, share)  # > 2x a uniform share
+    with pytest.raises(ValueError, match="skew: hot experts"):
+        make_checkpoint(tmp_path / "bad", "tiny", skew=(0, 2.0), tokenizer=False)
+    parser = argparse.ArgumentParser()
+    mc.add_cli(parser.add_subparsers())
+    args = parser.parse_args(["make-checkpoint", "x", "--skew", "8:2.5"])
+    assert args.skew == (8, 2.5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["make-checkpoint", "x", "--skew", "8"])
