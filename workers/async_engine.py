@@ -48,12 +48,15 @@ class AsyncEngine:
         try:
             self.engine.add_request(rid, prompt_ids, params, resume)
             self._wake.set()
-            while not finished:
-                out = await queue.get()
-                while not out.finished and not queue.empty():  # a slow consumer gets one
-                    out = out.merge(queue.get_nowait())  # merged delta, not one per step
-                finished = out.finished
-                yield out
+            unfinished = params.n  # choices still running
+            while unfinished:
+                outs = [await queue.get()]
+                while not queue.empty():  # a slow consumer gets one merged delta per choice,
+                    outs.append(queue.get_nowait())  # not one per step
+                for out in _merge_by_choice(outs):
+                    unfinished -= out.finished
+                    yield out
+            finished = True
         finally:
             with self._lock:
                 self._queues.pop(rid, None)
@@ -102,3 +105,11 @@ class AsyncEngine:
             if target is not None:
                 loop, queue = target
                 loop.call_soon_threadsafe(queue.put_nowait, out)
+
+
+def _merge_by_choice(outs: list[RequestOutput]) -> list[RequestOutput]:
+    """Consecutive deltas -> one per choice index (in first-seen order)."""
+    merged: dict[int, RequestOutput] = {}
+    for out in outs:
+        merged[out.index] = merged[out.index].merge(out) if out.index in merged else out
+    return list(merged.values())

@@ -117,9 +117,9 @@ class Engine:
             logits = self.run(work)
         except Exception as exc:  # a failed step poisons the caches of exactly these requests
             log.exception("step failed; aborting %d requests", len(work))
-            return outputs + [self._finish(w.request, "error", error=str(exc)) for w in work]
-        self.scheduler.after_step(work)
-        outputs += self.post_process(work, logits)
+            return outputs + [o for w in work for o in self._finish(w.request, "error", str(exc))]
+        forked = self.scheduler.after_step(work)
+        outputs += self.post_process(work, logits, forked)
         self._account(work, time.perf_counter() - start)
         return outputs
 
@@ -132,17 +132,26 @@ class Engine:
         keep = torch.tensor([i for i, w in enumerate(work) if w.sample], dtype=torch.long)
         return logits[keep]
 
-    def post_process(self, work: list[Work], logits: torch.Tensor) -> list[RequestOutput]:
-        sampled = [w.request for w in work if w.sample]
+    def post_process(
+        self, work: list[Work], logits: torch.Tensor, forked: dict[int, list[Request]]
+    ) -> list[RequestOutput]:
+        """Sample every sampling request's next token (the choices forked this step from
+        their parent's logits row, each with its own RNG), then stop checks and outputs."""
+        sampled, rows = [], []
+        for row, req in enumerate(w.request for w in work if w.sample):
+            for r in (req, *forked.get(id(req), ())):
+                sampled.append(r)
+                rows.append(row)
         if not sampled:
             return []
+        logits = logits[rows] if len(rows) != logits.shape[0] else logits
         params = [r.params for r in sampled]
         tokens, logprobs = sample(logits, params, [r.generator() for r in sampled])
         outputs = []
         for req, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
             reason = req.append_token(token, logprob, self.eos_ids, self.config.max_model_len)
             if reason is not None:
-                outputs.append(self._finish(req, reason))
+                outputs += self._finish(req, reason)
             else:
                 outputs.append(req.take_output())
         return outputs
@@ -168,16 +177,18 @@ class Engine:
                     self._pending -= 1
                 self.waiting.append(item)
             else:
-                req = self.scheduler.find(item)
-                if req is not None:
-                    outputs.append(self._finish(req, "abort"))
+                for req in self.scheduler.find_all(item):
+                    outputs += self._finish(req, "abort")
         return outputs
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> RequestOutput:
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> list[RequestOutput]:
+        """Retire a request (and its not yet forked choices); their final outputs."""
+        choices = [req, *req.forks]
         self.scheduler.remove(req)
+        req.forks = []
         self.stats.finished += 1
         self.stats.errors += reason == "error"
-        return req.finish(reason, error)
+        return [r.finish(reason, error) for r in choices]
 
     def _account(self, work: list[Work], seconds: float) -> None:
         s = self.stats
@@ -192,15 +203,16 @@ class Engine:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[RequestOutput]:
-        """Run prompts to completion; the accumulated output of each, in prompt order."""
+        """Run prompts to completion; the accumulated output of each, in prompt order (the n
+        choices of a prompt one after another, by index)."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [f"offline-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
-            self.add_request(rid, prompt, p)
-        results: dict[str, RequestOutput] = {}
+        keys = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+            self.add_request(f"offline-{i}", prompt, p)
+            keys += [(f"offline-{i}", index) for index in range(p.n)]
+        results: dict[tuple[str, int], RequestOutput] = {}
         while self.has_work():
             for out in self.step():
-                results[out.request_id] = (
-                    results[out.request_id].merge(out) if out.request_id in results else out
-                )
-        return [results[rid] for rid in ids]
+                key = (out.request_id, out.index)
+                results[key] = results[key].merge(out) if key in results else out
+        return [results[key] for key in keys]

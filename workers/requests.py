@@ -94,6 +94,8 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seed: int  # params.seed, or a random one drawn at creation (so preemption resumes exactly)
+    index: int = 0  # choice index (n > 1): choice i is a fork of choice 0 with seed + i
+    forks: list[Request] = field(default_factory=list)  # choices 1..n-1 until the prompt is in
     slot: int | None = None
     num_computed: int = 0  # tokens of all_ids already in the cache
     all_ids: list[int] = field(default_factory=list)  # prompt + output
@@ -127,17 +129,43 @@ class Request:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model length of {max_len} tokens",
             )
+        if params.n > limits.max_num_seqs:
+            raise RequestError(
+                "invalid", f"n ({params.n}) exceeds the {limits.max_num_seqs} concurrent sequences"
+            )
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return cls(request_id, prompt, params, seed, all_ids=list(prompt))
+        request = cls(request_id, prompt, params, seed, all_ids=list(prompt))
+        request.forks = [request.choice(i) for i in range(1, params.n)]
+        return request
+
+    def choice(self, index: int) -> Request:
+        """Choice `index` of an n > 1 request: the same prompt, its own seed and output."""
+        return Request(
+            self.request_id, self.prompt_ids, self.params, (self.seed + index) & _MASK64,
+            index=index, all_ids=list(self.prompt_ids),
+        )  # fmt: skip
 
     def attach_detokenizer(self, tokenizer: TextTokenizer | None) -> None:
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        for fork in self.forks:
+            fork.attach_detokenizer(tokenizer)
+
+    def take_fork(self, parent: Request) -> None:
+        """Become a copy of `parent` right after its prompt was computed (its slot's state
+        is copied by the cache); sampling then continues with this choice's own seed."""
+        self.num_computed = parent.num_computed
+        self.cached_tokens = parent.cached_tokens
+        self.block_hashes, self.num_registered = parent.block_hashes, parent.num_registered
 
     # ---------------------------------------------------------------- resume
     def resume(self, state: ResumeState, eos_ids: frozenset[int], vocab_size: int) -> None:
         """Take the output a client already has: replay it through the detokenizer (and later
         the sampling state) without re-sending it; the next step prefills prompt + output."""
         ids, logprobs = list(state.output_ids), list(state.output_logprobs)
+        if self.params.n > 1:
+            raise RequestError(
+                "invalid", "resume: resume each choice of an n > 1 request as n=1 with seed + index"
+            )
         _check_vocab(ids, vocab_size, "resume.output_ids: token id")
         if logprobs and len(logprobs) != len(ids):
             raise RequestError(
@@ -221,6 +249,7 @@ class Request:
             self.text[self._sent_chars : end],
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
+            index=self.index,
             cached_tokens=self.cached_tokens or 0,
         )
         self._sent_tokens, self._sent_chars = len(self.output_ids), end

@@ -26,6 +26,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    n: int = 1  # choices sampled from one prefill; choice i draws like seed + i
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -34,7 +35,9 @@ class SamplingParams:
             (self.temperature >= 0, "temperature", ">= 0"),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= -1, "top_k", ">= -1 (0/-1 = off)"),
-        ]
+            (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1, "n",
+             ">= 1"),
+        ]  # fmt: skip
         for ok, name, rule in checks:
             if not ok:
                 raise SamplingError(f"{name} must be {rule}, got {getattr(self, name)!r}")

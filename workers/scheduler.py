@@ -10,6 +10,10 @@ fails for lack of memory.
 
 With prefix caching, an admitted request starts from the deepest DeltaNet snapshot inside its
 cached prefix (workers/prefix_cache.py), and prefill chunks end on snapshot boundaries.
+
+A request with n > 1 choices is admitted with n slots; its prompt is computed once in the
+first, and the step that completes it forks the others (DeltaNet state copied, full KV
+blocks shared, the partial last block copied), which then run as independent sequences.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the youngest
         self.preemptions = 0
+        self._held = 0  # blocks this step keeps for the forks it will make
 
     def schedule(self) -> list[Work]:
         budget = self.config.max_num_batched_tokens
+        self._held = 0
         work: list[Work] = []
         scheduled: set[int] = set()
         decoding = [r for r in self.running if r.num_pending == 1]
@@ -64,13 +70,19 @@ class Scheduler:
             budget -= n
         return work
 
-    def after_step(self, work: list[Work]) -> None:
-        """The step's tokens are in the cache: advance each request, and index its newly
-        completed prompt blocks and the DeltaNet state at snapshot boundaries."""
+    def after_step(self, work: list[Work]) -> dict[int, list[Request]]:
+        """The step's tokens are in the cache: advance each request, index its newly
+        completed prompt blocks and the DeltaNet state at snapshot boundaries, and fork the
+        other choices of requests whose prompt is now in. Returns {id(parent): forks}."""
+        forked = {}
         for w in work:
-            w.request.num_computed += len(w.tokens)
+            req = w.request
+            req.num_computed += len(w.tokens)
             if self.prefix is not None:
-                self.prefix.after_step(w.request)
+                self.prefix.after_step(req)
+            if w.sample and req.forks:
+                forked[id(req)] = self._fork(req)
+        return forked
 
     def remove(self, req: Request) -> None:
         """Forget a finished or aborted request and free its slot and blocks."""
@@ -78,15 +90,11 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.slot is not None:
-            self.cache.free(req.slot)
-            req.slot = None
+        self._release(req)
 
-    def find(self, request_id: str) -> Request | None:
-        for req in (*self.running, *self.waiting):
-            if req.request_id == request_id:
-                return req
-        return None
+    def find_all(self, request_id: str) -> list[Request]:
+        """Every choice of a request (running or waiting)."""
+        return [r for r in (*self.running, *self.waiting) if r.request_id == request_id]
 
     # ----------------------------------------------------------------- helpers
     def _chunk(self, req: Request, budget: int) -> int:
@@ -97,14 +105,24 @@ class Scheduler:
 
     def _add(self, req: Request, n: int, work: list[Work], scheduled: set[int]) -> None:
         self.cache.reserve(req.slot, n)
+        sample = n == req.num_pending
+        self._held += len(req.forks) if sample else 0
         decode = n == 1 and bool(req.output_ids) and req.num_pending == 1
-        work.append(Work(req, req.next_tokens(n), n == req.num_pending, decode))
+        work.append(Work(req, req.next_tokens(n), sample, decode))
         scheduled.add(id(req))
+
+    def _blocks_for(self, req: Request, n: int) -> int:
+        """Blocks n more tokens of `req` take, with one per fork when they end its prompt."""
+        forks = len(req.forks) if n == req.num_pending else 0
+        return self.cache.blocks_needed(req.slot, n) + forks
+
+    def _free_blocks(self) -> int:
+        return self.cache.num_free_blocks - self._held
 
     def _make_room(self, req: Request, n: int, scheduled: set[int]) -> bool:
         """Preempt the youngest unscheduled requests until `req` has blocks for n tokens;
         False when `req` itself had to go."""
-        while self.cache.blocks_needed(req.slot, n) > self.cache.num_free_blocks:
+        while self._blocks_for(req, n) > self._free_blocks():
             victim = next((r for r in reversed(self.running) if id(r) not in scheduled), None)
             self._preempt(victim)
             if victim is req:
@@ -112,24 +130,42 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
-        self.cache.free(req.slot)
-        req.slot, req.num_computed = None, 0
         self.running.remove(req)
+        self._release(req)
+        req.num_computed = 0
         self.waiting.appendleft(req)
         self.preemptions += 1
+
+    def _release(self, req: Request) -> None:
+        """Free the request's slot and blocks (and the slots kept for its forks)."""
+        for r in (req, *req.forks):
+            if r.slot is not None:
+                self.cache.free(r.slot)
+                r.slot = None
+
+    def _fork(self, parent: Request) -> list[Request]:
+        forks, parent.forks = parent.forks, []
+        at = self.running.index(parent) + 1
+        for fork in forks:
+            self.cache.fork(parent.slot, fork.slot)
+            fork.take_fork(parent)
+        self.running[at:at] = forks
+        return forks
 
     def _admit(self, req: Request) -> bool:
         """Give the request at the head of the queue a slot (and its cached prefix) if a slot
         and blocks for its whole pending prefill are free."""
-        cache = self.cache
-        if len(self.running) >= self.config.max_num_seqs or cache.num_free == 0:
+        cache, seqs = self.cache, 1 + len(req.forks)
+        if len(self.running) + seqs > self.config.max_num_seqs or cache.num_free < seqs:
             return False
         hit = self.prefix.match(req) if self.prefix is not None else PrefixHit.none()
         pending = len(req.all_ids) - hit.tokens + 1  # + the first output token
-        need = -(-pending // cache.block_size)
-        if need + hit.idle > cache.num_free_blocks:
+        need = -(-pending // cache.block_size) + len(req.forks)
+        if need + hit.idle > self._free_blocks():
             return False
         req.slot = cache.allocate()
+        for fork in req.forks:
+            fork.slot = cache.allocate()
         if self.prefix is not None:
             self.prefix.apply(req, hit)
         self.running.append(req)

@@ -84,8 +84,9 @@ def test_chunked_prefill_ends_chunks_on_snapshot_boundaries(worker):
     after_step = e.scheduler.after_step
 
     def record(work):
-        after_step(work)
+        forked = after_step(work)
         ends.extend(w.request.num_computed for w in work if w.request.prompt_ids == AGENT[0])
+        return forked
 
     e.scheduler.after_step = record
     got = run(e, AGENT)
