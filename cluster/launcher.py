@@ -74,7 +74,7 @@ class ExpertPool:
 
         e = config.experts
         model = ModelConfig.from_hf(model_dir)
-        table = PlacementTable.contiguous(model.num_experts, e.shards)
+        table = PlacementTable.contiguous(model.num_hidden_layers, model.num_experts, e.shards)
         bundles = [_bundle(e.num_cpus, e.num_gpus)] * e.shards
         pg = placement_group(bundles, strategy=STRATEGIES[e.placement], name="expertmesh-experts")
         try:
@@ -92,10 +92,10 @@ class ExpertPool:
                 name=f"expert-shard-{i}", namespace=NAMESPACE, num_cpus=e.num_cpus,
                 num_gpus=e.num_gpus, max_concurrency=64,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
-            ).remote(model_dir, table.local_rows(i), i, config.dtype,
+            ).remote(model_dir, spec.shard_id, spec.assignment(), config.dtype,
                      max_message_mb=e.max_message_mb, torch_threads=max(1, int(e.num_cpus)),
                      expert_dtype=e.dtype)
-            for i in range(e.shards)
+            for i, spec in enumerate(table.shards)
         ]  # fmt: skip
         try:
             infos = ray.get([s.ready.remote() for s in shards], timeout=READY_TIMEOUT_S)
@@ -103,7 +103,7 @@ class ExpertPool:
             _kill(shards)
             remove_placement_group(pg)
             raise LaunchError(f"expert shards failed to start: {exc}") from exc
-        table = table.with_addresses([info["address"] for info in infos])
+        table = table.with_addresses({info["shard_id"]: info["address"] for info in infos})
         controller = (
             ray.remote(PlacementController)
             .options(name=PLACEMENT_CONTROLLER, namespace=NAMESPACE, num_cpus=0)

@@ -1,11 +1,18 @@
-"""RemoteExpertBackend: the ExpertBackend seam over gRPC expert shards.
+"""RemoteExpertBackend: the ExpertBackend seam over gRPC expert shards, surviving shard faults.
 
-`submit` (called from the synchronous model code) groups the step's (token, expert) pairs by
-shard using a snapshot of the placement table, sends each shard ONE request holding each of its
-tokens' hidden rows once (with per-token local rows and weights, padded to K with -1 / 0), and
-returns a handle at once. The calls run concurrently on the backend's own asyncio loop (a daemon
-thread); `handle.result()` waits for them and scatter-adds the per-token partial sums into
-[T, H] in token order.
+`submit` (called from the synchronous model code) takes one snapshot of the placement table,
+plans the step's (token, expert) pairs onto live shards (router.planner), sends each shard ONE
+call holding its tokens' hidden rows once, and returns a handle at once. The calls run on the
+backend's own asyncio loop (a daemon thread); `handle.result()` waits and returns [T, H]: every
+pair's weighted expert output, added exactly once in fp64, rounded once.
+
+A shard fault (router.faults) never fails the step: only the failed call's pairs are planned
+again, on the newest table without the shards this router saw fail (`Exclusions`); with no
+live replica left, the pairs wait, bounded by `recovery_timeout_s`, for a newer table or for
+the excluded shard to answer a probe. A call slower than `hedge_after_s` is also sent to
+replicas and the first complete answer wins; the loser is cancelled, so its late reply is
+dropped. `on_fault(shard_id, reason)` tells the cluster layer; the router itself never declares
+a shard dead.
 """
 
 from __future__ import annotations
@@ -13,118 +20,59 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
-from router import wire
+from router import planner, security, wire
+from router.faults import Exclusions, ExpertRPCError, ExpertsUnavailableError, ShardFault, classify
+from router.metrics import ClientMetrics
 from router.placement import PlacementHandle, PlacementTable
 from router.rpc import expert_pb2 as pb
 from router.rpc import expert_pb2_grpc as pb_grpc
 from workers.experts import DoneHandle, UnknownExpertError
 
-_KEEPALIVE = [
+__all__ = ["ExpertRPCError", "ExpertsUnavailableError", "RemoteExpertBackend", "RemoteHandle"]
+log = logging.getLogger(__name__)
+_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2_000),
 ]  # fmt: skip
-
-
-class ExpertRPCError(RuntimeError):
-    """A shard call failed; names the shard, its address, the layer and the gRPC status."""
-
-    def __init__(self, shard: int, address: str, layer: int, code: str, details: str) -> None:
-        self.shard, self.address, self.layer, self.code, self.details = (
-            shard, address, layer, code, details
-        )  # fmt: skip
-        super().__init__(
-            f"expert shard {shard} at {address or '<no address>'} failed for layer {layer}: "
-            f"{code}: {details}"
-        )
-
-
-class ClientMetrics:
-    """Thread-safe counters of a RemoteExpertBackend (times in seconds, sizes in bytes)."""
-
-    _COUNTERS = (
-        "steps", "calls", "max_calls_per_step", "last_calls_per_step", "tokens_submitted",
-        "rows_sent", "bytes_sent", "bytes_received", "rpc_s", "dispatch_s", "combine_s", "errors",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reset()
-
-    def reset(self) -> None:
-        with self._lock:
-            self._v: dict[str, float] = dict.fromkeys(self._COUNTERS, 0)
-            self._rows_per_shard: dict[int, int] = {}
-            self._calls_per_layer: dict[int, int] = {}
-
-    def add(self, name: str, value: float) -> None:
-        with self._lock:
-            self._v[name] += value
-
-    def record_step(self, layer: int, calls: int, tokens: int) -> None:
-        """One submit: `calls` = number of shards with work (one call each)."""
-        with self._lock:
-            v = self._v
-            v["steps"] += 1
-            v["calls"] += calls
-            v["tokens_submitted"] += tokens
-            v["last_calls_per_step"] = calls
-            v["max_calls_per_step"] = max(v["max_calls_per_step"], calls)
-            self._calls_per_layer[layer] = self._calls_per_layer.get(layer, 0) + calls
-
-    def record_call(self, shard: int, rows: int, sent: int, received: int, latency: float) -> None:
-        with self._lock:
-            v = self._v
-            v["rows_sent"] += rows
-            v["bytes_sent"] += sent
-            v["bytes_received"] += received
-            v["rpc_s"] += latency
-            self._rows_per_shard[shard] = self._rows_per_shard.get(shard, 0) + rows
-
-    def snapshot(self) -> dict[str, Any]:
-        """Counters plus rows_sent_per_shard, calls_per_layer, calls_per_step, mean_rpc_ms."""
-        with self._lock:
-            out: dict[str, Any] = dict(self._v)
-            out["rows_sent_per_shard"] = dict(self._rows_per_shard)
-            out["calls_per_layer"] = dict(self._calls_per_layer)
-        done = out["calls"] - out["errors"]
-        out["calls_per_step"] = out["calls"] / out["steps"] if out["steps"] else 0.0
-        out["mean_rpc_ms"] = 1e3 * out["rpc_s"] / done if done > 0 else 0.0
-        return out
+PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass
-class _ShardWork:
-    shard: int
-    address: str
-    tokens: torch.Tensor  # [T_s] long: which of the step's tokens this shard got
-    message: pb.ComputeRequest
+class _Step:
+    layer: int
+    hidden: torch.Tensor  # [T, H]
+    ids: torch.Tensor  # [T, K] long, global ids
+    weights: torch.Tensor  # [T, K] float32
+    request_id: str
+    out: torch.Tensor  # [T, H] float64 accumulator
+    deadline: float | None = None  # set when the step first waits for recovery
+    wait_start: float = 0.0
 
 
 class RemoteHandle:
-    """Result of one submit: `result()` blocks for every shard's reply and combines them."""
+    """Result of one submit: `result()` blocks until every pair is merged."""
 
-    def __init__(self, backend: RemoteExpertBackend, future, work, layer, shape, dtype) -> None:
-        self._backend, self._future, self._work = backend, future, work
-        self._layer, self._shape, self._dtype = layer, shape, dtype
+    def __init__(self, future: concurrent.futures.Future, layer: int) -> None:
+        self._future, self._layer = future, layer
         self._value: torch.Tensor | None = None
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
         if self._value is None:
             try:
-                replies = self._future.result(timeout)
+                self._value = self._future.result(timeout)
             except concurrent.futures.TimeoutError:
                 raise TimeoutError(f"layer {self._layer}: shards did not answer in time") from None
-            self._value = self._backend._combine(
-                self._layer, self._work, replies, self._shape, self._dtype
-            )
         return self._value
 
 
@@ -132,17 +80,34 @@ class RemoteExpertBackend:
     """ExpertBackend that ships each layer-step's routed work to the shards in `placement`."""
 
     def __init__(
-        self, placement: PlacementTable | PlacementHandle, *, timeout_s: float = 30.0,
+        self,
+        placement: PlacementHandle | PlacementTable,
+        *,
+        timeout_s: float = 30.0,
+        recovery_timeout_s: float = 60.0,
+        hedge_after_s: float | None = None,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_server_name: str | None = None,
+        on_fault: Callable[[str, str], None] | None = None,
         max_message_mb: float = 256.0,
-    ) -> None:  # fmt: skip
+        probe_interval_s: float = 0.5,
+    ) -> None:
         if isinstance(placement, PlacementTable):
             placement = PlacementHandle(placement)
         self.placement = placement
-        self.timeout_s = timeout_s
-        self._options = wire.message_options(max_message_mb) + _KEEPALIVE
+        self.timeout_s, self.recovery_timeout_s = timeout_s, recovery_timeout_s
+        self.hedge_after_s = hedge_after_s or None  # 0 / None: no hedging
+        self.probe_interval_s = probe_interval_s
+        self.on_fault = on_fault
+        self._metadata = security.call_metadata(security.check_token(token))
+        self._credentials = security.channel_credentials(tls_ca) if tls_ca else None
+        self._options = wire.message_options(max_message_mb) + _CHANNEL_OPTIONS
+        if tls_server_name:
+            self._options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.ExpertShardStub]] = {}
-        self._rr_lock, self._rr = threading.Lock(), {}  # expert -> next replica turn
-        self._steps = itertools.count()
+        self._exclusions = Exclusions()
+        self._steps, self._turn = itertools.count(), itertools.count()
         self._metrics = ClientMetrics()
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -158,31 +123,46 @@ class RemoteExpertBackend:
             raise RuntimeError("RemoteExpertBackend is closed")
         start = time.perf_counter()
         table = self.placement.snapshot()
-        work = self._plan(table, layer, hidden, ids, weights)
-        self._metrics.record_step(layer, len(work), int(hidden.shape[0]))
-        if not work:
+        ids = ids.long()
+        pairs = (ids.reshape(-1) >= 0).nonzero().squeeze(1)
+        if pairs.numel() == 0:
+            self._metrics.record_step(layer, 0, int(hidden.shape[0]))
             return DoneHandle(torch.zeros_like(hidden))
-        future = asyncio.run_coroutine_threadsafe(self._call_all(layer, work), self._loop)
+        if not 0 <= layer < table.num_layers:
+            raise UnknownExpertError(f"layer {layer} is not in the placement table")
+        if int(ids.max()) >= table.num_experts:
+            raise UnknownExpertError(f"expert {int(ids.max())} is not in the placement table")
+        step = _Step(layer, hidden, ids, weights.float(), f"{next(self._steps)}:{layer}",
+                     torch.zeros(hidden.shape, dtype=torch.float64))  # fmt: skip
+        shard_of = self._assign(table, step, pairs)
+        covered = shard_of >= 0
+        calls = self._build(table, step, pairs[covered], shard_of[covered])
+        self._metrics.record_step(layer, len(calls), int(hidden.shape[0]))
+        coro = self._run(step, table, calls, pairs[~covered])
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         self._metrics.add("dispatch_s", time.perf_counter() - start)
-        return RemoteHandle(self, future, work, layer, tuple(hidden.shape), hidden.dtype)
+        return RemoteHandle(future, layer)
 
     def metrics(self) -> dict[str, Any]:
-        return self._metrics.snapshot()
+        out = self._metrics.snapshot()
+        out["excluded_shards"] = sorted(self._exclusions.snapshot())
+        out["placement_version"] = self.placement.version
+        return out
 
     def reset_metrics(self) -> None:
         self._metrics.reset()
 
     def shard_info(self) -> list[wire.ShardInfo]:
-        """Info from every shard of the current table (checks rows match `local_rows`)."""
+        """Info from every shard of the current table; ExpertRPCError if a ready shard's
+        holdings differ from the table's."""
         table = self.placement.snapshot()
-        coro = self._info_all(table)
-        infos = asyncio.run_coroutine_threadsafe(coro, self._loop).result(self.timeout_s)
-        for s, info in enumerate(infos):
-            if info.ready and info.expert_ids != table.local_rows(s):
-                raise ExpertRPCError(
-                    s, table.addresses[s], -1, "PLACEMENT_MISMATCH",
-                    "shard rows differ from the placement table's local_rows",
-                )  # fmt: skip
+        coro = asyncio.wait_for(self._info_all(table), self.timeout_s)
+        infos = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        for spec, info in zip(table.shards, infos, strict=True):
+            held = {layer: list(ids) for layer, ids in info.experts.items()}
+            if info.ready and held != spec.assignment():
+                raise ExpertRPCError(spec.shard_id, spec.address, -1, "PLACEMENT_MISMATCH",
+                                     "shard holdings differ from the placement table")  # fmt: skip
         return infos
 
     def close(self) -> None:
@@ -201,99 +181,243 @@ class RemoteExpertBackend:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ dispatch (caller thread)
-    def _plan(self, table, layer, hidden, ids, weights) -> list[_ShardWork]:
-        ids = ids.long()
-        valid = ids >= 0
-        if not bool(valid.any()):
-            return []
-        if int(ids.max()) >= table.num_experts:
-            raise UnknownExpertError(f"expert {int(ids.max())} is not in the placement table")
-        safe = ids.clamp(min=0)
-        shard_tk = torch.where(valid, self._shard_of(table, ids[valid])[safe], -1)
-        rows_tk = table.row_table[safe, shard_tk.clamp(min=0)]
-        weights = weights.float()
-        step = next(self._steps)
-        work = []
-        for s in torch.unique(shard_tk[valid]).tolist():
-            mask = shard_tk == s
-            tokens = mask.any(1).nonzero().squeeze(1)
-            request = wire.ExpertRequest(
-                layer,
-                hidden[tokens],
-                torch.where(mask, rows_tk, -1)[tokens].to(torch.int32),
-                torch.where(mask, weights, 0.0)[tokens],
-                f"{step}:{layer}:{s}",
-            )
-            work.append(_ShardWork(s, table.addresses[s], tokens, wire.encode_request(request)))
-        return work
+    # ------------------------------------------------------------------ planning
+    def _assign(self, table: PlacementTable, step: _Step, pairs: torch.Tensor) -> torch.Tensor:
+        excluded = self._exclusions.indices(table)
+        experts = step.ids.reshape(-1)[pairs]
+        return planner.assign(table, step.layer, experts, excluded, next(self._turn))
 
-    def _shard_of(self, table: PlacementTable, present: torch.Tensor) -> torch.Tensor:
-        """[num_experts] shard per expert for this step; replicas chosen round-robin."""
-        if not table.replicated_experts:
-            return table.primary_shard
-        wanted = set(torch.unique(present).tolist())
-        shard_of = table.primary_shard.clone()
-        with self._rr_lock:
-            for e in wanted.intersection(table.replicated_experts):
-                turn = self._rr[e] = self._rr.get(e, -1) + 1
-                shard_of[e] = table.expert_shards[e][turn % len(table.expert_shards[e])]
-        return shard_of
+    def _build(self, table, step: _Step, pairs, shard_of, tag: str = "") -> list[planner.Call]:
+        return planner.build_calls(table, step.layer, step.hidden, step.ids, step.weights,
+                                   pairs, shard_of, step.request_id + tag)  # fmt: skip
 
-    # ------------------------------------------------------------------ calls (loop thread)
+    # ------------------------------------------------------------------ serving (loop thread)
+    async def _run(self, step, table, calls, uncovered) -> torch.Tensor:
+        jobs = [self._serve_call(step, call) for call in calls]
+        if uncovered.numel():
+            jobs.append(self._wait_then_serve(step, uncovered, table))
+        try:
+            await _gather_all(jobs)
+        except BaseException:
+            self._metrics.add("errors")
+            raise
+        if step.deadline is not None:
+            self._metrics.add("recovered")
+            self._metrics.add("wait_s", time.monotonic() - step.wait_start)
+        return step.out.to(step.hidden.dtype)
+
+    async def _serve(self, step: _Step, pairs: torch.Tensor) -> None:
+        """Compute every pair in `pairs` exactly once, on the newest table."""
+        table = self.placement.snapshot()
+        shard_of = self._assign(table, step, pairs)
+        covered = shard_of >= 0
+        jobs = [self._serve_call(step, c) for c in self._build(
+            table, step, pairs[covered], shard_of[covered], f":r{next(self._turn)}")]  # fmt: skip
+        if not bool(covered.all()):
+            jobs.append(self._wait_then_serve(step, pairs[~covered], table))
+        await _gather_all(jobs)
+
+    async def _wait_then_serve(self, step: _Step, pairs: torch.Tensor, table) -> None:
+        await self._await_cover(step, pairs, table)
+        await self._serve(step, pairs)
+
+    async def _serve_call(self, step: _Step, call: planner.Call) -> None:
+        if not await self._attempt(step, call):
+            self._metrics.add("replans")
+            await self._serve(step, call.pairs)
+
+    async def _attempt(self, step: _Step, call: planner.Call) -> bool:
+        """Run `call` (hedged when slow); merge the first complete answer. False: every try
+        was a shard fault (already recorded)."""
+        primary = asyncio.ensure_future(self._call_all(step, [call]))
+        racers = {primary: [call]}
+        try:
+            if self.hedge_after_s is not None:
+                done, _ = await asyncio.wait({primary}, timeout=self.hedge_after_s)
+                hedge = None if done else self._plan_hedge(step, call)
+                if hedge:
+                    self._metrics.add("hedges")
+                    racers[asyncio.ensure_future(self._call_all(step, hedge))] = hedge
+            pending = set(racers)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        self._merge(step, racers[task], task.result())
+                        self._metrics.add("hedge_wins", task is not primary)
+                        return True
+                    if not isinstance(error, ShardFault):
+                        raise error
+            return False
+        finally:
+            for task in racers:
+                task.cancel()
+
+    def _plan_hedge(self, step: _Step, call: planner.Call) -> list[planner.Call] | None:
+        table = self.placement.snapshot()
+        excluded = set(self._exclusions.indices(table))
+        if call.shard_id in table.shard_ids:
+            excluded.add(table.index(call.shard_id))
+        experts = step.ids.reshape(-1)[call.pairs]
+        shard_of = planner.assign(table, step.layer, experts, excluded, next(self._turn))
+        if not bool((shard_of >= 0).all()):
+            return None
+        return self._build(table, step, call.pairs, shard_of, f":h{next(self._turn)}")
+
+    def _merge(self, step: _Step, calls: Sequence[planner.Call], parts) -> None:
+        start = time.perf_counter()
+        for call, part in zip(calls, parts, strict=True):
+            step.out.index_add_(0, call.tokens, part.double())
+        self._metrics.add("combine_s", time.perf_counter() - start)
+
+    async def _call_all(self, step: _Step, calls: Sequence[planner.Call]) -> list[torch.Tensor]:
+        return await _gather_all([self._call(step, c) for c in calls])
+
+    async def _call(self, step: _Step, call: planner.Call) -> torch.Tensor:
+        """One Compute; returns the validated partial [T_s, H]; raises ShardFault (recorded)
+        or ExpertRPCError."""
+        start = time.perf_counter()
+        sent = call.message.ByteSize()
+        rows = len(call.tokens)
+        try:
+            if not call.address:
+                raise self._fault(call, ShardFault(call.shard_id, "NO_ADDRESS: not started"))
+            stub = self._stub(call.address)
+            reply = await stub.Compute(call.message, timeout=self.timeout_s,
+                                       metadata=self._metadata)  # fmt: skip
+        except grpc.aio.AioRpcError as e:
+            self._metrics.record_call(call.shard_id, step.layer, rows, sent, 0,
+                                      time.perf_counter() - start)  # fmt: skip
+            outcome = classify(e, call.shard_id, call.address, step.layer)
+            if isinstance(outcome, ShardFault):
+                raise self._fault(call, outcome) from None
+            log.error("expert shard %s at %s: %s", call.shard_id, call.address, e.details())
+            raise outcome from None
+        self._metrics.record_call(call.shard_id, step.layer, rows, sent, reply.ByteSize(),
+                                  time.perf_counter() - start)  # fmt: skip
+        try:
+            resp = wire.decode_response(reply, (rows, step.hidden.shape[1]), step.hidden.dtype)
+            if (resp.shard_id, resp.request_id) != (call.shard_id, call.message.request_id):
+                raise wire.WireError(
+                    f"answer is for shard {resp.shard_id!r} request {resp.request_id!r}"
+                )
+        except wire.WireError as e:
+            raise self._fault(call, ShardFault(call.shard_id, f"BAD_RESPONSE: {e}")) from None
+        return resp.output
+
+    def _fault(self, call: planner.Call, fault: ShardFault) -> ShardFault:
+        """Record a fault: exclude the shard, tell on_fault, drop a broken channel."""
+        self._metrics.record_fault(fault.shard_id)
+        version = max(int(call.message.placement_version), self.placement.version)
+        self._exclusions.add(fault.shard_id, version, fault.reason)
+        log.warning("expert shard %s at %s failed (%s); re-planning its work",
+                    fault.shard_id, call.address, fault.reason)  # fmt: skip
+        if fault.connection:
+            self._drop_channel(call.address)
+        if self.on_fault is not None:
+            try:
+                self.on_fault(fault.shard_id, fault.reason)
+            except Exception:  # the callback must not break the data plane
+                log.exception("on_fault callback failed for shard %s", fault.shard_id)
+        return fault
+
+    # ------------------------------------------------------------------ recovery (loop thread)
+    async def _await_cover(self, step: _Step, pairs: torch.Tensor, table: PlacementTable) -> None:
+        """Wait until a newer table arrives or an excluded holder answers a probe; raise
+        ExpertsUnavailableError when the step's recovery time is up."""
+        now = time.monotonic()
+        if step.deadline is None:
+            step.deadline, step.wait_start = now + self.recovery_timeout_s, now
+            self._metrics.add("waits")
+        experts = torch.unique(step.ids.reshape(-1)[pairs]).tolist()
+        log.warning("layer %d: no live shard holds experts %s; waiting for the pool to recover",
+                    step.layer, experts[:16])  # fmt: skip
+        next_probe, delay = now + min(self.probe_interval_s, 0.05), 0.005
+        while self.placement.version <= table.version:
+            now = time.monotonic()
+            if now >= step.deadline:
+                raise ExpertsUnavailableError(step.layer, experts, now - step.wait_start)
+            if now >= next_probe:
+                if await self._probe(table, step.layer, experts):
+                    return
+                next_probe = time.monotonic() + self.probe_interval_s
+            await asyncio.sleep(min(delay, max(step.deadline - now, 0.0)))
+            delay = min(2 * delay, 0.05)
+
+    async def _probe(self, table: PlacementTable, layer: int, experts: list[int]) -> bool:
+        """Probe the excluded live holders of `experts`; un-exclude those that answer as the
+        table expects. True if any did."""
+        candidates = [
+            sid for sid in self._exclusions.active(table)
+            if sid in table.shard_ids and table.shard(sid).live
+            and any(table.holds(sid, layer, e) for e in experts)
+        ]  # fmt: skip
+        results = await asyncio.gather(*(self._probe_one(table, sid, layer) for sid in candidates))
+        return any(results)
+
+    async def _probe_one(self, table: PlacementTable, shard_id: str, layer: int) -> bool:
+        spec = table.shard(shard_id)
+        self._metrics.add("probes")
+        try:
+            reply = await self._stub(spec.address).Info(
+                pb.InfoRequest(), timeout=min(self.timeout_s, PROBE_TIMEOUT_S),
+                metadata=self._metadata,
+            )  # fmt: skip
+        except grpc.aio.AioRpcError:
+            return False
+        info = wire.decode_info(reply)
+        wanted = set(spec.experts[layer])
+        if not (
+            info.ready and info.shard_id == shard_id and wanted <= set(info.experts.get(layer, ()))
+        ):
+            return False
+        self._exclusions.remove(shard_id)
+        self._metrics.add("probes_ok")
+        log.info("expert shard %s answers again; back in this router's plans", shard_id)
+        return True
+
+    # ------------------------------------------------------------------ channels (loop thread)
     def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
         if address not in self._channels:  # one reused channel per shard endpoint
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials, self._options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[address] = (channel, pb_grpc.ExpertShardStub(channel))
         return self._channels[address][1]
 
-    async def _call_all(self, layer: int, work: list[_ShardWork]) -> list[pb.ComputeResponse]:
-        calls = (self._call(layer, w) for w in work)
-        replies = await asyncio.gather(*calls, return_exceptions=True)  # every call settles
-        failed = [r for r in replies if isinstance(r, BaseException)]
-        if failed:
-            raise failed[0]
-        return replies
-
-    async def _call(self, layer: int, w: _ShardWork) -> pb.ComputeResponse:
-        if not w.address:
-            raise ExpertRPCError(w.shard, w.address, layer, "NO_ADDRESS", "shard not started")
-        start = time.perf_counter()
-        try:
-            reply = await self._stub(w.address).Compute(w.message, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as e:
-            self._metrics.add("errors", 1)
-            raise ExpertRPCError(w.shard, w.address, layer, e.code().name, e.details()) from None
-        latency = time.perf_counter() - start
-        sizes = (w.message.ByteSize(), reply.ByteSize())
-        self._metrics.record_call(w.shard, len(w.tokens), *sizes, latency)
-        return reply
+    def _drop_channel(self, address: str) -> None:
+        entry = self._channels.pop(address, None)
+        if entry is not None:
+            asyncio.ensure_future(entry[0].close(grace=None))
 
     async def _info_all(self, table: PlacementTable) -> list[wire.ShardInfo]:
-        async def one(s: int) -> wire.ShardInfo:
-            address = table.addresses[s]
+        async def one(spec) -> wire.ShardInfo:
             try:
-                reply = await self._stub(address).Info(pb.InfoRequest(), timeout=self.timeout_s)
+                reply = await self._stub(spec.address).Info(
+                    pb.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as e:
-                raise ExpertRPCError(s, address, -1, e.code().name, e.details()) from None
+                raise ExpertRPCError(spec.shard_id, spec.address, -1, e.code().name,
+                                     e.details() or "") from None  # fmt: skip
             return wire.decode_info(reply)
 
-        return list(await asyncio.gather(*(one(s) for s in range(table.num_shards))))
+        return list(await asyncio.gather(*(one(spec) for spec in table.shards)))
 
     async def _close_channels(self) -> None:
         channels = [ch for ch, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(ch.close() for ch in channels))
 
-    # ------------------------------------------------------------------ combine (caller thread)
-    def _combine(self, layer, work, replies, shape, dtype) -> torch.Tensor:
-        start = time.perf_counter()
-        out = torch.zeros(shape, dtype=torch.float64)  # see workers.experts.grouped_swiglu
-        for w, reply in zip(work, replies, strict=True):
-            try:
-                part = wire.decode_response(reply, (len(w.tokens), shape[1])).output
-            except wire.WireError as e:
-                raise ExpertRPCError(w.shard, w.address, layer, "BAD_RESPONSE", str(e)) from None
-            out.index_add_(0, w.tokens, part.double())
-        self._metrics.add("combine_s", time.perf_counter() - start)
-        return out.to(dtype)
+
+async def _gather_all(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """gather; on the first error cancel the rest, let them unwind, and raise that error."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

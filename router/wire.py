@@ -101,17 +101,20 @@ def decode_tensor(msg: pb.Tensor, what: str = "tensor") -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ExpertRequest:
-    """One shard's share of a layer-step: each routed token once, with its local expert rows.
+    """One shard's share of a layer-step: each routed token once, with its experts.
 
-    hidden [T, H] floating; local_ids [T, K] integer shard-local rows (-1 = padding);
-    weights [T, K] float32 (0 where padded). Validated on construction.
+    hidden [T, H] floating; expert_ids [T, K] integer GLOBAL expert ids of `layer` (-1 =
+    padding); weights [T, K] float32 (0 where padded); `placement_version` and `shard_id` say
+    which table and which shard the call was planned for. Validated on construction.
     """
 
     layer: int
     hidden: torch.Tensor
-    local_ids: torch.Tensor
+    expert_ids: torch.Tensor
     weights: torch.Tensor
     request_id: str = ""
+    placement_version: int = 0
+    shard_id: str = ""
 
     def __post_init__(self) -> None:
         _check_request(self)
@@ -127,6 +130,7 @@ class ExpertResponse:
 
     output: torch.Tensor
     request_id: str = ""
+    shard_id: str = ""
 
     def __post_init__(self) -> None:
         _check_2d_float(self.output, "output")
@@ -134,15 +138,15 @@ class ExpertResponse:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """What a shard holds; `expert_ids[r]` is the global id of local row r."""
+    """What a shard holds: `experts[layer]` global ids (layers holding any, ascending)."""
 
-    expert_ids: tuple[int, ...]
-    layers: tuple[int, ...]
+    shard_id: str
+    experts: dict[int, tuple[int, ...]]
     dtype: str
     hidden_size: int
     version: str
-    shard_index: int
     ready: bool
+    placement_version: int = 0
 
 
 def _check_2d_float(t: torch.Tensor, what: str) -> None:
@@ -164,23 +168,25 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
 def _check_request(req: ExpertRequest) -> None:
     if req.layer < 0:
         raise WireError(f"layer must be >= 0, got {req.layer}")
+    if req.placement_version < 0:
+        raise WireError(f"placement_version must be >= 0, got {req.placement_version}")
     _check_2d_float(req.hidden, "hidden")
-    ids, w = req.local_ids, req.weights
+    ids, w = req.expert_ids, req.weights
     if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise WireError(
-            f"local_ids must be a 2-D integer tensor [T, K], got {list(ids.shape)} {ids.dtype}"
+            f"expert_ids must be a 2-D integer tensor [T, K], got {list(ids.shape)} {ids.dtype}"
         )
     if ids.shape[0] != req.hidden.shape[0]:
         raise WireError(
-            f"local_ids has {ids.shape[0]} rows but hidden has {req.hidden.shape[0]} "
+            f"expert_ids has {ids.shape[0]} rows but hidden has {req.hidden.shape[0]} "
             "(one row of expert ids per token)"
         )
     if w.dtype != torch.float32:
         raise WireError(f"weights dtype {w.dtype} does not match the wire's float32")
     if tuple(w.shape) != tuple(ids.shape):
-        raise WireError(f"weights shape {list(w.shape)} != local_ids shape {list(ids.shape)}")
+        raise WireError(f"weights shape {list(w.shape)} != expert_ids shape {list(ids.shape)}")
     if ids.numel() and int(ids.min()) < -1:
-        raise WireError(f"local_ids contains {int(ids.min())}; rows must be >= 0 or -1 (padding)")
+        raise WireError(f"expert_ids contains {int(ids.min())}; ids must be >= 0 or -1 (padding)")
     _check_finite(req.hidden, "hidden")
     _check_finite(req.weights, "weights")
 
@@ -189,9 +195,11 @@ def encode_request(req: ExpertRequest) -> pb.ComputeRequest:
     return pb.ComputeRequest(
         layer=req.layer,
         hidden=encode_tensor(req.hidden),
-        local_ids=encode_tensor(req.local_ids),
+        expert_ids=encode_tensor(req.expert_ids),
         weights=encode_tensor(req.weights),
         request_id=req.request_id,
+        placement_version=req.placement_version,
+        shard_id=req.shard_id,
     )
 
 
@@ -200,45 +208,60 @@ def decode_request(msg: pb.ComputeRequest) -> ExpertRequest:
     return ExpertRequest(
         layer=int(msg.layer),
         hidden=decode_tensor(msg.hidden, "hidden"),
-        local_ids=decode_tensor(msg.local_ids, "local_ids"),
+        expert_ids=decode_tensor(msg.expert_ids, "expert_ids"),
         weights=decode_tensor(msg.weights, "weights"),
         request_id=msg.request_id,
+        placement_version=int(msg.placement_version),
+        shard_id=msg.shard_id,
     )
 
 
 def encode_response(resp: ExpertResponse) -> pb.ComputeResponse:
-    return pb.ComputeResponse(output=encode_tensor(resp.output), request_id=resp.request_id)
+    return pb.ComputeResponse(
+        output=encode_tensor(resp.output), request_id=resp.request_id, shard_id=resp.shard_id
+    )
 
 
 def decode_response(
-    msg: pb.ComputeResponse, expect_shape: tuple[int, int] | None = None
+    msg: pb.ComputeResponse,
+    expect_shape: tuple[int, int] | None = None,
+    expect_dtype: torch.dtype | None = None,
 ) -> ExpertResponse:
-    """ComputeResponse -> ExpertResponse; checks the [T, H] shape when `expect_shape` is given."""
-    resp = ExpertResponse(decode_tensor(msg.output, "output"), msg.request_id)
+    """ComputeResponse -> ExpertResponse. Checks the [T, H] shape and dtype when given, and
+    that every value is finite: a reply failing any check must never be merged."""
+    resp = ExpertResponse(decode_tensor(msg.output, "output"), msg.request_id, msg.shard_id)
     if expect_shape is not None and tuple(resp.output.shape) != tuple(expect_shape):
         raise WireError(f"output shape {list(resp.output.shape)} != expected {list(expect_shape)}")
+    if expect_dtype is not None and resp.output.dtype != expect_dtype:
+        raise WireError(
+            f"output dtype {dtype_name(resp.output.dtype)} != expected {dtype_name(expect_dtype)}"
+        )
+    _check_finite(resp.output, "output")
     return resp
 
 
 def encode_info(info: ShardInfo) -> pb.InfoResponse:
     return pb.InfoResponse(
-        expert_ids=list(info.expert_ids),
-        layers=list(info.layers),
+        shard_id=info.shard_id,
+        experts=[
+            pb.LayerExperts(layer=layer, expert_ids=list(ids))
+            for layer, ids in sorted(info.experts.items())
+        ],
         dtype=info.dtype,
         hidden_size=info.hidden_size,
         version=info.version,
-        shard_index=info.shard_index,
         ready=info.ready,
+        placement_version=info.placement_version,
     )
 
 
 def decode_info(msg: pb.InfoResponse) -> ShardInfo:
     return ShardInfo(
-        expert_ids=tuple(int(e) for e in msg.expert_ids),
-        layers=tuple(int(x) for x in msg.layers),
+        shard_id=msg.shard_id,
+        experts={int(x.layer): tuple(int(e) for e in x.expert_ids) for x in msg.experts},
         dtype=msg.dtype,
         hidden_size=int(msg.hidden_size),
         version=msg.version,
-        shard_index=int(msg.shard_index),
         ready=bool(msg.ready),
+        placement_version=int(msg.placement_version),
     )

@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -240,21 +240,34 @@ def load_expert_weights(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     storage: str | None = None,
+    *,
+    assignment: Mapping[int, Sequence[int]] | None = None,
 ) -> ExpertWeights:
-    """The routed experts `experts` (default all) of `layers` (default all), reading only their
-    bytes. Row i of every returned w13/w2 tensor belongs to expert `experts[i]`. `storage`
-    (float32 / bfloat16 / int8 / int4, workers/quant.py) packs each layer as it is read;
-    "lossless" packs a layer as bf16 only where that changes no value (workers.experts.
+    """Routed experts, reading only their bytes. Either `assignment` ({layer: expert ids}: a
+    different set per layer, e.g. a shard's holdings) or `experts` (default all) in every one
+    of `layers` (default all). Row i of layer l's w13/w2 belongs to the i-th id asked for l.
+    `storage` (float32 / bfloat16 / int8 / int4, workers/quant.py) packs each layer as it is
+    read; "lossless" packs a layer as bf16 only where that changes no value (workers.experts.
     lossless_pack)."""
-    ids = _validate_ids("expert", experts, config.num_experts)
-    layer_ids = _validate_ids("layer", layers, config.num_hidden_layers)
+    if assignment is not None and (experts is not None or layers is not None):
+        raise CheckpointError("pass either assignment or experts/layers, not both")
+    if assignment is None:
+        ids = _validate_ids("expert", experts, config.num_experts)
+        layer_ids = _validate_ids("layer", layers, config.num_hidden_layers)
+        wanted = dict.fromkeys(layer_ids, ids)
+    else:
+        _validate_ids("layer", list(assignment), config.num_hidden_layers)
+        wanted = {
+            int(layer): _validate_ids("expert", ids, config.num_experts)
+            for layer, ids in sorted(assignment.items())
+        }
     w13: dict[int, torch.Tensor] = {}
     w2: dict[int, torch.Tensor] = {}
     with _opened(model_dir) as reader:
-        fused = {layer: _is_fused(reader, layer) for layer in layer_ids}
-        total = sum(2 if fused[layer] else 3 * len(ids) for layer in layer_ids)
+        fused = {layer: _is_fused(reader, layer) for layer in wanted}
+        total = sum(2 if fused[layer] else 3 * len(ids) for layer, ids in wanted.items())
         with _progress(total, "expert weights", progress) as bar:
-            for layer in layer_ids:
+            for layer, ids in wanted.items():
                 load = _load_fused if fused[layer] else _load_per_expert
                 a, b = load(reader, config, layer, ids, dtype, bar)
                 if storage == "lossless":
@@ -262,7 +275,7 @@ def load_expert_weights(
                 elif storage is not None:
                     a, b = pack_layer(a, b, storage)
                 w13[layer], w2[layer] = a, b
-    return ExpertWeights(expert_ids=ids, w13=w13, w2=w2)
+    return ExpertWeights(wanted, w13, w2)
 
 
 def _validate_ids(what: str, ids: Sequence[int] | None, count: int) -> tuple[int, ...]:

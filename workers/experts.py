@@ -14,7 +14,7 @@ so a shard's answer is bit-for-bit the local one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,24 +52,46 @@ class DoneHandle:
 
 
 class UnknownExpertError(ValueError):
-    """An expert id is not held by this set of weights."""
+    """An expert id is not held by this set of weights (the message names layer and expert)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class ExpertWeights:
-    """SwiGLU weights of a subset of experts for a set of layers.
+    """SwiGLU weights of the experts held, per layer (a shard may hold expert 17 in layer 3 and
+    not in layer 4).
 
-    `w13[layer]` is [E, 2I, H] (gate rows then up rows, like HF's fused `gate_up_proj`),
-    `w2[layer]` is [E, H, I]; row e of both belongs to global expert `expert_ids[e]`.
+    `experts[layer]` are the global ids held in that layer, in row order; `w13[layer]` is
+    [E_l, 2I, H] (gate rows then up rows, like HF's fused `gate_up_proj`) and `w2[layer]` is
+    [E_l, H, I]; row r of both belongs to global expert `experts[layer][r]`. `experts` may be
+    given as one id sequence shared by every layer of `w13`. Treat instances as immutable:
+    `with_experts` / `without_experts` return new ones (shards swap them in atomically).
     """
 
-    expert_ids: tuple[int, ...]
-    w13: dict[int, torch.Tensor]
-    w2: dict[int, torch.Tensor]
+    experts: dict[int, tuple[int, ...]] | Sequence[int]
+    w13: dict[int, torch.Tensor | ExpertPack]
+    w2: dict[int, torch.Tensor | ExpertPack]
 
     def __post_init__(self) -> None:
-        self._local = torch.full((max(self.expert_ids, default=-1) + 1,), -1, dtype=torch.long)
-        self._local[list(self.expert_ids)] = torch.arange(len(self.expert_ids))
+        if not isinstance(self.experts, Mapping):
+            shared = tuple(int(e) for e in self.experts)
+            self.experts = dict.fromkeys(self.w13, shared)
+        self.experts = {int(k): tuple(int(e) for e in v) for k, v in self.experts.items()}
+        if set(self.experts) != set(self.w13) or set(self.w13) != set(self.w2):
+            raise ValueError(
+                f"experts, w13 and w2 name different layers: {sorted(self.experts)}, "
+                f"{sorted(self.w13)}, {sorted(self.w2)}"
+            )
+        self._local: dict[int, torch.Tensor] = {}
+        for layer, ids in self.experts.items():
+            rows = (int(self.w13[layer].shape[0]), int(self.w2[layer].shape[0]))
+            if rows != (len(ids), len(ids)) or len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+                raise ValueError(
+                    f"layer {layer}: {len(ids)} distinct non-negative expert ids expected for "
+                    f"w13/w2 rows {rows}, got {list(ids)[:8]}"
+                )
+            local = torch.full((max(ids, default=-1) + 1,), -1, dtype=torch.long)
+            local[list(ids)] = torch.arange(len(ids))
+            self._local[layer] = local
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -79,25 +101,105 @@ class ExpertWeights:
     def dtype(self) -> torch.dtype:
         return next(iter(self.w13.values())).dtype
 
-    def local_ids(self, global_ids: torch.Tensor) -> torch.Tensor:
-        """Map global expert ids to rows of w13/w2; -1 stays -1 (padding)."""
-        if global_ids.numel() == 0:
-            return global_ids.long()
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.w13.values())).shape[2])
+
+    def holdings(self) -> dict[int, list[int]]:
+        """{layer: sorted global expert ids} of the layers holding at least one expert."""
+        return {layer: sorted(ids) for layer, ids in sorted(self.experts.items()) if ids}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.w13.values(), *self.w2.values()))
+
+    def missing(self, layer: int, global_ids: torch.Tensor) -> list[int]:
+        """Sorted distinct ids >= 0 in `global_ids` that are not held in `layer`."""
+        ids = torch.unique(global_ids[global_ids >= 0])
+        local = self._local.get(layer)
+        if local is None:
+            return ids.tolist()
+        inside = ids < local.numel()
+        held = torch.zeros_like(ids, dtype=torch.bool)
+        held[inside] = local[ids[inside]] >= 0
+        return ids[~held].tolist()
+
+    def local_ids(self, layer: int, global_ids: torch.Tensor) -> torch.Tensor:
+        """Map global expert ids of `layer` to rows of w13/w2; -1 stays -1 (padding)."""
         ids = global_ids.long()
-        pad = ids < 0
-        if int(ids.max()) >= self._local.numel():
-            raise UnknownExpertError(f"expert {int(ids.max())} is not held here")
-        local = self._local[ids.clamp(min=0)]
-        if bool(((local < 0) & ~pad).any()):
-            missing = int(ids[(local < 0) & ~pad][0])
-            raise UnknownExpertError(f"expert {missing} is not held here")
-        return local.masked_fill(pad, -1)
+        if ids.numel() == 0:
+            return ids
+        missing = self.missing(layer, ids)
+        if missing:
+            raise UnknownExpertError(
+                f"layer {layer}: expert {missing[0]} is not held here"
+                + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        return self._local[layer][ids.clamp(min=0)].masked_fill(ids < 0, -1)
 
     def compute(
-        self, layer: int, hidden: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor
+        self, layer: int, hidden: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]) -> [T, H]; ids < 0 are skipped."""
-        return grouped_swiglu(hidden, local_ids, weights, self.w13[layer], self.w2[layer])
+        """sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]) -> [T, H] for GLOBAL expert ids
+        of `layer` (ids < 0 are skipped); UnknownExpertError for an expert not held."""
+        local = self.local_ids(layer, global_ids)
+        return grouped_swiglu(hidden, local, weights, self.w13[layer], self.w2[layer])
+
+    def with_experts(self, other: ExpertWeights) -> ExpertWeights:
+        """These experts plus `other`'s (new rows appended per layer; untouched layers share
+        their tensors). An expert that is held already is a ValueError."""
+        experts, w13, w2 = dict(self.experts), dict(self.w13), dict(self.w2)
+        for layer, ids in other.experts.items():
+            if not ids:
+                continue
+            if layer not in experts:
+                experts[layer], w13[layer], w2[layer] = ids, other.w13[layer], other.w2[layer]
+                continue
+            dup = set(ids) & set(experts[layer])
+            if dup:
+                raise ValueError(f"layer {layer}: expert {min(dup)} is already held")
+            experts[layer] = experts[layer] + ids
+            w13[layer] = _cat_rows(w13[layer], other.w13[layer])
+            w2[layer] = _cat_rows(w2[layer], other.w2[layer])
+        return ExpertWeights(experts, w13, w2)
+
+    def without_experts(self, removals: Mapping[int, Sequence[int]]) -> ExpertWeights:
+        """These experts minus `removals` ({layer: ids}; ids not held are ignored). A layer left
+        empty is dropped."""
+        experts, w13, w2 = dict(self.experts), dict(self.w13), dict(self.w2)
+        for layer, ids in removals.items():
+            if layer not in experts:
+                continue
+            drop = {int(e) for e in ids}
+            keep = [r for r, e in enumerate(experts[layer]) if e not in drop]
+            if len(keep) == len(experts[layer]):
+                continue
+            if not keep:
+                del experts[layer], w13[layer], w2[layer]
+                continue
+            experts[layer] = tuple(experts[layer][r] for r in keep)
+            w13[layer], w2[layer] = _select_rows(w13[layer], keep), _select_rows(w2[layer], keep)
+        return ExpertWeights(experts, w13, w2)
+
+
+Weights = torch.Tensor | ExpertPack  # one projection of a layer's experts
+
+
+def _cat_rows(a: Weights, b: Weights) -> Weights:
+    """a's experts then b's (same storage: two packs of one kind, or tensors in a's dtype)."""
+    if isinstance(a, ExpertPack) != isinstance(b, ExpertPack):
+        raise ValueError("cannot join packed and unpacked expert weights")
+    if isinstance(a, ExpertPack):
+        if (a.kind, a.group) != (b.kind, b.group):
+            raise ValueError(f"cannot join {a.kind} and {b.kind} expert packs")
+        scales = None if a.scales is None else torch.cat([a.scales, b.scales])
+        return ExpertPack(a.kind, torch.cat([a.data, b.data]), scales, a.group)
+    return torch.cat([a, b.to(a.dtype)])
+
+
+def _select_rows(w: Weights, rows: Sequence[int]) -> Weights:
+    if isinstance(w, ExpertPack):
+        return w.select(rows)
+    return w[torch.tensor(list(rows), dtype=torch.long)]
 
 
 def grouped_swiglu(
@@ -210,7 +312,7 @@ def pack_experts(weights: ExpertWeights, kind: str | None) -> ExpertWeights:
     w13, w2 = dict(weights.w13), dict(weights.w2)
     for layer in list(w13):
         w13[layer], w2[layer] = pack_layer(w13[layer], w2[layer], kind)
-    return ExpertWeights(expert_ids=weights.expert_ids, w13=w13, w2=w2)
+    return ExpertWeights(dict(weights.experts), w13, w2)
 
 
 def lossless_pack(
@@ -251,8 +353,7 @@ class LocalExpertBackend:
     def submit(
         self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> DoneHandle:
-        local = self.weights.local_ids(ids)
-        return DoneHandle(self.weights.compute(layer, hidden, local, weights))
+        return DoneHandle(self.weights.compute(layer, hidden, ids, weights))
 
 
 def naive_experts(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\rexpertmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xac\x01\n\x0e\x43omputeRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12%\n\x06hidden\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12(\n\tlocal_ids\x18\x03 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12&\n\x07weights\x18\x04 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"L\n\x0f\x43omputeResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\x8b\x01\n\x0cInfoResponse\x12\x12\n\nexpert_ids\x18\x01 \x03(\x03\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0bshard_index\x18\x06 \x01(\r\x12\r\n\x05ready\x18\x07 \x01(\x08\x32\x98\x01\n\x0b\x45xpertShard\x12H\n\x07\x43ompute\x12\x1d.expertmesh.v1.ComputeRequest\x1a\x1e.expertmesh.v1.ComputeResponse\x12?\n\x04Info\x12\x1a.expertmesh.v1.InfoRequest\x1a\x1b.expertmesh.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x65xpert.proto\x12\rexpertmesh.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xeb\x01\n\x0e\x43omputeRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12%\n\x06hidden\x18\x02 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12&\n\x07weights\x18\x04 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\nexpert_ids\x18\x06 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x19\n\x11placement_version\x18\x07 \x01(\x04\x12\x10\n\x08shard_id\x18\x08 \x01(\tJ\x04\x08\x03\x10\x04R\tlocal_ids\"^\n\x0f\x43omputeResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.expertmesh.v1.Tensor\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"1\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\x03\"\xe0\x01\n\x0cInfoResponse\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x10\n\x08shard_id\x18\x08 \x01(\t\x12,\n\x07\x65xperts\x18\t \x03(\x0b\x32\x1b.expertmesh.v1.LayerExperts\x12\x19\n\x11placement_version\x18\n \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x06\x10\x07R\nexpert_idsR\x06layersR\x0bshard_index2\x98\x01\n\x0b\x45xpertShard\x12H\n\x07\x43ompute\x12\x1d.expertmesh.v1.ComputeRequest\x1a\x1e.expertmesh.v1.ComputeResponse\x12?\n\x04Info\x12\x1a.expertmesh.v1.InfoRequest\x1a\x1b.expertmesh.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=31
   _globals['_TENSOR']._serialized_end=83
   _globals['_COMPUTEREQUEST']._serialized_start=86
-  _globals['_COMPUTEREQUEST']._serialized_end=258
-  _globals['_COMPUTERESPONSE']._serialized_start=260
-  _globals['_COMPUTERESPONSE']._serialized_end=336
-  _globals['_INFOREQUEST']._serialized_start=338
-  _globals['_INFOREQUEST']._serialized_end=351
-  _globals['_INFORESPONSE']._serialized_start=354
-  _globals['_INFORESPONSE']._serialized_end=493
-  _globals['_EXPERTSHARD']._serialized_start=496
-  _globals['_EXPERTSHARD']._serialized_end=648
+  _globals['_COMPUTEREQUEST']._serialized_end=321
+  _globals['_COMPUTERESPONSE']._serialized_start=323
+  _globals['_COMPUTERESPONSE']._serialized_end=417
+  _globals['_INFOREQUEST']._serialized_start=419
+  _globals['_INFOREQUEST']._serialized_end=432
+  _globals['_LAYEREXPERTS']._serialized_start=434
+  _globals['_LAYEREXPERTS']._serialized_end=483
+  _globals['_INFORESPONSE']._serialized_start=486
+  _globals['_INFORESPONSE']._serialized_end=710
+  _globals['_EXPERTSHARD']._serialized_start=713
+  _globals['_EXPERTSHARD']._serialized_end=865
 # @@protoc_insertion_point(module_scope)

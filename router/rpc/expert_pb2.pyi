@@ -17,45 +17,59 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "local_ids", "weights", "request_id")
+    __slots__ = ("layer", "hidden", "weights", "request_id", "expert_ids", "placement_version", "shard_id")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
-    local_ids: Tensor
     weights: Tensor
     request_id: str
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., local_ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    expert_ids: Tensor
+    placement_version: int
+    shard_id: str
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., placement_version: _Optional[int] = ..., shard_id: _Optional[str] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("output", "request_id")
+    __slots__ = ("output", "request_id", "shard_id")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     request_id: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    shard_id: str
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., shard_id: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class InfoResponse(_message.Message):
-    __slots__ = ("expert_ids", "layers", "dtype", "hidden_size", "version", "shard_index", "ready")
+class LayerExperts(_message.Message):
+    __slots__ = ("layer", "expert_ids")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
-    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., expert_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("dtype", "hidden_size", "version", "ready", "shard_id", "experts", "placement_version")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
-    expert_ids: _containers.RepeatedScalarFieldContainer[int]
-    layers: _containers.RepeatedScalarFieldContainer[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     hidden_size: int
     version: str
-    shard_index: int
     ready: bool
-    def __init__(self, expert_ids: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., version: _Optional[str] = ..., shard_index: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    shard_id: str
+    experts: _containers.RepeatedCompositeFieldContainer[LayerExperts]
+    placement_version: int
+    def __init__(self, dtype: _Optional[str] = ..., hidden_size: _Optional[int] = ..., version: _Optional[str] = ..., ready: _Optional[bool] = ..., shard_id: _Optional[str] = ..., experts: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., placement_version: _Optional[int] = ...) -> None: ...

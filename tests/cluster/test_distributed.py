@@ -65,7 +65,8 @@ class CountingBackend:
         self.steps = 0
 
     def submit(self, layer, hidden, ids, weights):
-        shards = {s for e in ids.flatten().tolist() for s in self.table.replicas(e)[:1]}
+        held = [e for e in ids.flatten().tolist() if e >= 0]
+        shards = {self.table.holders(layer, e)[0] for e in held}
         self.expected_calls += len(shards)
         self.steps += 1
         return self.inner.submit(layer, hidden, ids, weights)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 
 import pytest
 import torch
 
 from router.client import ExpertRPCError, RemoteExpertBackend
-from router.placement import PlacementHandle, PlacementTable
+from router.placement import PlacementHandle, PlacementTable, ShardSpec
 from workers.expert_shard import start_expert_server
-from workers.experts import ExpertWeights, LocalExpertBackend
+from workers.experts import ExpertWeights, LocalExpertBackend, UnknownExpertError
 
 E, H, I, K = 512, 64, 32, 10
 LAYERS = (0, 1)
@@ -25,13 +24,13 @@ def random_weights(seed: int = 0) -> ExpertWeights:
     return ExpertWeights(tuple(range(E)), w13, w2)
 
 
-def shard_weights(full: ExpertWeights, rows: tuple[int, ...]) -> ExpertWeights:
-    """The rows a shard loads: global experts `rows`, in that order."""
-    idx = torch.tensor(rows)
+def shard_weights(full: ExpertWeights, spec: ShardSpec) -> ExpertWeights:
+    """What a shard loads: per layer, the global experts its spec names, in that order."""
+    held = {layer: ids for layer, ids in enumerate(spec.experts) if ids}
     return ExpertWeights(
-        rows,
-        {layer: full.w13[layer][idx] for layer in LAYERS},
-        {layer: full.w2[layer][idx] for layer in LAYERS},
+        held,
+        {layer: full.w13[layer][list(ids)] for layer, ids in held.items()},
+        {layer: full.w2[layer][list(ids)] for layer, ids in held.items()},
     )
 
 
@@ -51,24 +50,29 @@ class ShardServers:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.servers: list = []
+        self.servers: dict[str, object] = {}  # address -> server
 
-    def _run(self, coro):
+    def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def start(self, spec: ShardSpec, servicer=None, **kwargs) -> str:
+        """Serve `spec`'s experts (or `servicer`); returns the address."""
+        target = servicer or shard_weights(self.full, spec)
+        server, port = self.run(start_expert_server(target, shard_id=spec.shard_id, **kwargs))
+        address = f"127.0.0.1:{port}"
+        self.servers[address] = server
+        return address
 
     def serve(self, table: PlacementTable) -> PlacementTable:
         """Start one server per shard of `table`; returns the table with their addresses."""
-        addresses = []
-        for s in range(table.num_shards):
-            weights = shard_weights(self.full, table.local_rows(s))
-            server, port = self._run(start_expert_server(weights, shard_index=s))
-            self.servers.append(server)
-            addresses.append(f"127.0.0.1:{port}")
-        return table.with_addresses(addresses)
+        return table.with_addresses({s.shard_id: self.start(s) for s in table.shards})
+
+    def stop(self, address: str) -> None:
+        self.run(self.servers.pop(address).stop(None))
 
     def close(self) -> None:
-        for server in self.servers:
-            self._run(server.stop(None))
+        for address in list(self.servers):
+            self.stop(address)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
@@ -87,13 +91,16 @@ def servers(full: ExpertWeights):
 
 @pytest.fixture(scope="module")
 def tables(servers: ShardServers) -> dict[int, PlacementTable]:
-    return {n: servers.serve(PlacementTable.contiguous(E, n)) for n in (1, 2, 3, 4)}
+    return {n: servers.serve(PlacementTable.contiguous(2, E, n)) for n in (1, 2, 3, 4)}
 
 
-def shards_with_work(table: PlacementTable, ids: torch.Tensor) -> dict[int, int]:
-    """shard -> number of distinct tokens routed to it (no replicas)."""
-    shard = table.primary_shard[ids.clamp(min=0)].masked_fill(ids < 0, -1)
-    return {s: int((shard == s).any(1).sum()) for s in torch.unique(shard[shard >= 0]).tolist()}
+def shards_with_work(table: PlacementTable, layer: int, ids: torch.Tensor) -> dict[str, int]:
+    """shard id -> number of distinct tokens routed to it (no replicas)."""
+    out: dict[str, int] = {}
+    for row in ids.tolist():
+        for sid in {table.holders(layer, e)[0] for e in row if e >= 0}:
+            out[sid] = out.get(sid, 0) + 1
+    return out
 
 
 @pytest.mark.parametrize("T", [1, 7, 64])
@@ -106,7 +113,7 @@ def test_matches_local_backend(full, tables, n: int, T: int) -> None:
         got = backend.submit(1, hidden, ids, weights).result()
         m = backend.metrics()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    work = shards_with_work(table, ids)
+    work = shards_with_work(table, 1, ids)
     assert m["steps"] == 1 and m["calls"] == len(work) == m["last_calls_per_step"]
     assert m["rows_sent_per_shard"] == work  # each token's hidden row once per shard
     assert all(rows <= T for rows in m["rows_sent_per_shard"].values())
@@ -135,20 +142,31 @@ def test_padding_bf16_and_empty_steps(full, tables) -> None:
         assert backend.metrics()["calls"] == 0 and backend.metrics()["steps"] == 1
 
 
-def test_replicas_round_robin_one_call_per_shard(full, servers) -> None:
-    table = servers.serve(PlacementTable.contiguous(E, 2).with_replica(0, 1).with_replica(300, 0))
+def test_replicas_share_an_experts_tokens(full, servers) -> None:
+    """Expert 0 of layer 1 has copies on both shards: its tokens are split between them, each
+    token's row goes at most once to each shard, and the sum equals the local backend."""
+    table = PlacementTable.contiguous(2, E, 2).with_replica(1, 0, "shard-1")
+    table = servers.serve(table.with_replica(1, 300, "shard-0"))
     hidden = torch.randn(5, H)
     ids = torch.tensor([[0, 300]] * 5)
     weights = torch.full((5, 2), 0.5)
     expected = LocalExpertBackend(full).submit(1, hidden, ids, weights).result()
     with RemoteExpertBackend(table) as backend:
-        for step in range(4):
+        for _ in range(3):
             got = backend.submit(1, hidden, ids, weights).result()
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             m = backend.metrics()
-            assert m["last_calls_per_step"] == 1  # both replicas chosen on the same shard
-            want = {0: 5 * (step // 2 + 1), 1: 5 * ((step + 1) // 2)}  # alternating shards
-            assert m["rows_sent_per_shard"] == {s: r for s, r in want.items() if r}
+            assert m["last_calls_per_step"] == 2  # both shards share the work
+        rows = m["rows_sent_per_shard"]
+        assert rows.keys() == {"shard-0", "shard-1"} and all(r <= 15 for r in rows.values())
+        assert sum(rows.values()) >= 15  # each token goes to at least one shard per step
+        # layer 0 has no replicas: expert 0 stays on shard-0 only
+        backend.reset_metrics()
+        got = backend.submit(0, hidden, ids, weights).result()
+        torch.testing.assert_close(
+            got, LocalExpertBackend(full).submit(0, hidden, ids, weights).result()
+        )
+        assert backend.metrics()["rows_sent_per_shard"] == {"shard-0": 5, "shard-1": 5}
         hidden, ids, weights = routing(16, seed=5)
         got = backend.submit(1, hidden, ids, weights).result()
         expected = LocalExpertBackend(full).submit(1, hidden, ids, weights).result()
@@ -163,7 +181,7 @@ def test_swap_placement_between_steps_and_concurrent_submits(full, tables) -> No
         steps = [routing(8, seed=s) for s in range(6)]
         handles = [backend.submit(s % 2, *step) for s, step in enumerate(steps[:3])]
         three = tables[3]
-        handle.swap(PlacementTable(E, three.shard_experts, three.addresses, version=7))
+        handle.swap(PlacementTable(2, E, three.shards, version=7))
         handles += [backend.submit(s % 2, *step) for s, step in enumerate(steps[3:], 3)]
         for s, (h, step) in enumerate(zip(handles, steps, strict=True)):
             torch.testing.assert_close(
@@ -188,30 +206,22 @@ def test_swap_placement_between_steps_and_concurrent_submits(full, tables) -> No
         for t in threads:
             t.join()
         assert not errors, errors
-        assert {info.shard_index for info in backend.shard_info()} == {0, 1, 2}
+        assert [info.shard_id for info in backend.shard_info()] == list(three.shard_ids)
 
 
-def _dead_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
-
-
-def test_rpc_errors_name_shard_layer_and_status(full, tables) -> None:
-    dead = tables[2].with_addresses({1: _dead_address()})
+def test_request_errors_fail_the_step_naming_shard_and_layer_not_address(full, tables) -> None:
+    """A mistake no retry fixes (INVALID_ARGUMENT) fails the step with ExpertRPCError; the
+    message names the shard id, layer and status but never the address."""
     hidden, ids, weights = routing(8, seed=1)
-    with RemoteExpertBackend(dead, timeout_s=5) as backend:
-        with pytest.raises(
-            ExpertRPCError, match=rf"shard 1 at {dead.addresses[1]} .*layer 1: UNAVAILABLE"
-        ):
-            backend.submit(1, hidden, ids, weights).result()
-        assert backend.metrics()["errors"] >= 1
     with RemoteExpertBackend(tables[2]) as backend:
-        with pytest.raises(
-            ExpertRPCError, match=r"layer 5: INVALID_ARGUMENT: layer 5 is not held"
-        ) as err:
-            backend.submit(5, hidden, ids, weights).result()
-        assert err.value.code == "INVALID_ARGUMENT" and err.value.layer == 5
+        with pytest.raises(ExpertRPCError, match=r"expert shard shard-\d failed for layer 1: "
+                           r"INVALID_ARGUMENT: hidden size 63 != 64") as err:  # fmt: skip
+            backend.submit(1, hidden[:, :63], ids, weights).result()
+        assert "127.0.0.1" not in str(err.value) and err.value.address.startswith("127.0.0.1")
+        assert err.value.code == "INVALID_ARGUMENT" and err.value.layer == 1
+        assert backend.metrics()["errors"] == 1 and backend.metrics()["faults"] == 0
+        with pytest.raises(UnknownExpertError, match="layer 5 is not in the placement table"):
+            backend.submit(5, hidden, ids, weights)
         good = backend.submit(1, hidden, ids, weights).result()
         torch.testing.assert_close(
             good,

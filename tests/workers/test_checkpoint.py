@@ -80,7 +80,7 @@ def test_round_trip_all_weights(checkpoints, config, fused_truth, layout, shard)
         assert torch.equal(tensor, fused_truth[key]), key
     experts = load_expert_weights(path, config, progress=False)
     assert isinstance(experts, ExpertWeights)
-    assert experts.expert_ids == tuple(range(config.num_experts))
+    assert experts.experts == dict.fromkeys(experts.layers, tuple(range(config.num_experts)))
     assert experts.layers == tuple(range(config.num_hidden_layers))
     for layer in experts.layers:
         w13, w2 = _expert_rows(fused_truth, layer, list(range(config.num_experts)))
@@ -93,11 +93,37 @@ def test_subset_of_experts_and_layers(checkpoints, config, fused_truth, layout) 
     w = load_expert_weights(
         checkpoints[(layout, None)], config, experts=ids, layers=layers, progress=False
     )
-    assert w.expert_ids == tuple(ids) and w.layers == (1, 3)
+    assert w.experts == {1: tuple(ids), 3: tuple(ids)} and w.layers == (1, 3)
     for layer in layers:
         w13, w2 = _expert_rows(fused_truth, layer, ids)
         assert torch.equal(w.w13[layer], w13) and torch.equal(w.w2[layer], w2)
-    assert w.local_ids(torch.tensor([[31, 7, -1]])).tolist() == [[4, 0, -1]]
+    assert w.local_ids(3, torch.tensor([[31, 7, -1]])).tolist() == [[4, 0, -1]]
+
+
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_per_layer_assignment_reads_only_those_experts(
+    checkpoints, config, fused_truth, layout, reads
+) -> None:
+    """A shard holding expert 17 in layer 3 but not in layer 4 reads exactly those bytes."""
+    wanted = {0: [5, 2], 2: [9, 10, 11], 3: [31]}
+    w = load_expert_weights(checkpoints[(layout, None)], config, assignment=wanted, progress=False)
+    assert w.experts == {layer: tuple(ids) for layer, ids in wanted.items()}
+    for layer, ids in wanted.items():
+        w13, w2 = _expert_rows(fused_truth, layer, ids)
+        assert torch.equal(w.w13[layer], w13) and torch.equal(w.w2[layer], w2)
+    read: dict[int, set[int]] = {}
+    for key, index in reads:
+        layer = int(key.split(".")[2])
+        if index is None:  # per-expert: whole small tensors, one per (expert, projection)
+            read.setdefault(layer, set()).add(int(key.split(".")[5]))
+        else:  # fused: row slices only
+            assert isinstance(index, slice)
+            read.setdefault(layer, set()).update(range(index.start, index.stop))
+    assert read == {layer: set(ids) for layer, ids in wanted.items()}
+    with pytest.raises(CheckpointError, match="either assignment or experts/layers"):
+        load_expert_weights(checkpoints[(layout, None)], config, experts=[1], assignment=wanted)
+    with pytest.raises(CheckpointError, match=r"layer id 9 out of range"):
+        load_expert_weights(checkpoints[(layout, None)], config, assignment={9: [1]})
 
 
 def test_bfloat16_storage_casts(tmp_path: Path) -> None:

@@ -50,12 +50,46 @@ def test_subset_weights_map_global_ids():
     held = (1, 4, 6)
     sub = ExpertWeights(held, {0: w13[list(held)]}, {0: w2[list(held)]})
     gids = torch.tensor([[4, 6], [1, -1]])
-    out = sub.compute(0, x[:2], sub.local_ids(gids), w[:2])
+    assert sub.local_ids(0, gids).tolist() == [[1, 2], [0, -1]]
+    out = sub.compute(0, x[:2], gids, w[:2])
     assert torch.allclose(out, naive_experts(x[:2], gids, w[:2], w13, w2), atol=1e-5)
-    with pytest.raises(UnknownExpertError, match="expert 2"):
-        sub.local_ids(torch.tensor([[2, 4]]))
-    with pytest.raises(UnknownExpertError, match="expert 9"):
-        sub.local_ids(torch.tensor([[9]]))
+    with pytest.raises(UnknownExpertError, match="layer 0: expert 2 is not held"):
+        sub.compute(0, x[:1], torch.tensor([[2, 4]]), w[:1])
+    with pytest.raises(UnknownExpertError, match="layer 0: expert 9 is not held"):
+        sub.local_ids(0, torch.tensor([[9]]))
+    with pytest.raises(UnknownExpertError, match="layer 1: expert 4 is not held"):
+        sub.local_ids(1, torch.tensor([[4]]))
+
+
+def test_per_layer_holdings_and_live_changes():
+    """A set may hold expert 5 in layer 3 but not in layer 4; with/without make new sets."""
+    x, ids, w, w13, w2 = _random(E=8, K=2)
+    sets = {3: (5, 1), 4: (2,)}
+    weights = ExpertWeights(
+        sets, {k: w13[list(v)] for k, v in sets.items()}, {k: w2[list(v)] for k, v in sets.items()}
+    )
+    assert weights.holdings() == {3: [1, 5], 4: [2]}
+    assert weights.missing(4, torch.tensor([[5, 2], [-1, 7]])) == [5, 7]
+    gids = torch.tensor([[5, 1], [1, -1]])
+    want = naive_experts(x[:2], gids, w[:2], w13, w2)
+    assert torch.allclose(weights.compute(3, x[:2], gids, w[:2]), want, atol=1e-5)
+    extra = ExpertWeights({4: (5,), 6: (0,)}, {4: w13[[5]], 6: w13[[0]]}, {4: w2[[5]], 6: w2[[0]]})
+    grown = weights.with_experts(extra)
+    assert grown.holdings() == {3: [1, 5], 4: [2, 5], 6: [0]}
+    assert weights.holdings() == {3: [1, 5], 4: [2]}  # the original is untouched
+    assert grown.w13[3] is weights.w13[3]  # untouched layers share their tensors
+    assert torch.allclose(
+        grown.compute(4, x[:2], gids.clamp(max=5).fill_(5), w[:2]),
+        naive_experts(x[:2], torch.full((2, 2), 5), w[:2], w13, w2),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="layer 4: expert 5 is already held"):
+        grown.with_experts(extra)
+    shrunk = grown.without_experts({3: [5, 7], 6: [0]})
+    assert shrunk.holdings() == {3: [1], 4: [2, 5]} and 6 not in shrunk.w13
+    assert torch.equal(shrunk.w13[3][0], w13[1])
+    with pytest.raises(ValueError, match="layer 3: 2 distinct non-negative expert ids"):
+        ExpertWeights({3: (1, 1)}, {3: w13[:2]}, {3: w2[:2]})
 
 
 def test_local_backend_submit_result():
@@ -77,3 +111,26 @@ def test_kernel_choice_by_active_experts_gives_the_same_result(T, grouped):
     assert (
         grouped_swiglu(x, ids, w, w13, w2) - naive_experts(x, ids, w, w13, w2)
     ).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_live_changes_of_packed_experts(kind):
+    """Adding and releasing experts keeps packed storage packed and exact per expert."""
+    from workers.experts import pack_experts
+
+    x, ids, w, w13, w2 = _random(E=8, K=2)
+    base = pack_experts(ExpertWeights({0: (1, 4)}, {0: w13[[1, 4]]}, {0: w2[[1, 4]]}), kind)
+    extra = pack_experts(ExpertWeights({0: (6,)}, {0: w13[[6]]}, {0: w2[[6]]}), kind)
+    full = pack_experts(
+        ExpertWeights({0: (1, 4, 6)}, {0: w13[[1, 4, 6]]}, {0: w2[[1, 4, 6]]}), kind
+    )
+    grown = base.with_experts(extra)
+    assert grown.holdings() == {0: [1, 4, 6]} and grown.w13[0].kind == kind
+    gids = torch.tensor([[6, 1], [4, 6]])
+    assert torch.equal(grown.compute(0, x[:2], gids, w[:2]), full.compute(0, x[:2], gids, w[:2]))
+    shrunk = grown.without_experts({0: [4]})
+    assert shrunk.holdings() == {0: [1, 6]} and shrunk.w13[0].kind == kind
+    gids = torch.tensor([[6, 1]])
+    assert torch.equal(shrunk.compute(0, x[:1], gids, w[:1]), full.compute(0, x[:1], gids, w[:1]))
+    with pytest.raises(ValueError, match="cannot join packed and unpacked"):
+        base.with_experts(ExpertWeights({0: (6,)}, {0: w13[[6]]}, {0: w2[[6]]}))

@@ -1,0 +1,276 @@
+"""The expert shard's gRPC (grpc.aio) server: computes routed experts for the (layer, expert)s
+it holds.
+
+`ExpertShardServicer` is the pure servicer (testable without Ray); `start_expert_server` binds
+it with health checking (grpc.health.v1), reflection, the optional cluster token and TLS.
+The Ray actor around it is `workers.expert_shard.ExpertShardActor`.
+
+Requests carry GLOBAL expert ids. Status codes: not ready -> UNAVAILABLE; a call planned for
+another shard, or naming a (layer, expert) not held here -> FAILED_PRECONDITION naming them and
+the placement version (never a compute with other experts); garbage bytes, bad shapes, dtypes
+or values -> INVALID_ARGUMENT; too big -> RESOURCE_EXHAUSTED (gRPC's size limit). The server
+keeps serving after every error. Compute runs on one worker thread so the event loop keeps
+answering health checks; `set_weights` swaps a whole new ExpertWeights in (in-flight calls
+finish on the one they started with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router import security, wire
+from router.rpc import expert_pb2 as pb
+from workers.experts import ExpertWeights
+
+SERVICE_NAME = "expertmesh.v1.ExpertShard"
+WIRE_VERSION = "expertmesh.v2"
+DEFAULT_MAX_MESSAGE_MB = 256.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_NAMED = 8  # (layer, expert)s named in a FAILED_PRECONDITION message
+
+
+class ShardRequestError(ValueError):
+    """A request this shard cannot serve because it is malformed (INVALID_ARGUMENT)."""
+
+
+class NotHeldError(ValueError):
+    """A call planned for another shard or for experts not held here (FAILED_PRECONDITION)."""
+
+
+class MalformedMessage:
+    """What the lenient deserializer yields for bytes that are not a valid message."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            return MalformedMessage(f"request is not a valid protobuf message ({exc})")
+
+    return deserialize
+
+
+class ExpertShardServicer:
+    """Serves Compute/Info for one shard's ExpertWeights; UNAVAILABLE until `set_weights`."""
+
+    def __init__(
+        self, weights: ExpertWeights | None = None, shard_id: str = "shard-0", version: str = "",
+        num_layers: int | None = None,
+    ) -> None:  # fmt: skip
+        self.shard_id = shard_id
+        self.num_layers = num_layers
+        self.version = version or _default_version()
+        self.health = health.aio.HealthServicer()
+        self._weights = weights
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"expert-{shard_id}")
+        self._lock = threading.Lock()
+        self._stats: dict[str, float] = dict.fromkeys(
+            ("calls", "errors", "rejected", "rows", "pairs", "compute_s", "placement_version"), 0
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self._weights is not None
+
+    @property
+    def weights(self) -> ExpertWeights | None:
+        return self._weights
+
+    async def set_weights(self, weights: ExpertWeights) -> None:
+        """Swap in `weights` (atomically: a call uses one snapshot) and report SERVING."""
+        self._weights = weights
+        await self.publish_health()
+
+    async def publish_health(self) -> None:
+        status = _SERVING if self.ready else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out: dict[str, Any] = dict(self._stats)
+        w = self._weights
+        out.update(shard_id=self.shard_id, ready=self.ready)
+        out["experts_held"] = sum(len(v) for v in w.experts.values()) if w else 0
+        out["bytes_held"] = w.nbytes() if w else 0
+        return out
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def Compute(self, request: pb.ComputeRequest | MalformedMessage, context: Any) -> Any:
+        if isinstance(request, MalformedMessage):
+            self._count(errors=1)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        weights = self._weights
+        if weights is None:
+            self._count(errors=1)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"shard not ready: shard {self.shard_id} is still loading its weights",
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._compute, weights, request)
+        except NotHeldError as e:
+            self._count(rejected=1)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (wire.WireError, ShardRequestError) as e:
+            self._count(errors=1)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # a bug, not the caller's fault: report it, keep serving
+            self._count(errors=1)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    async def Info(self, request: pb.InfoRequest | MalformedMessage, context: Any) -> Any:
+        if isinstance(request, MalformedMessage):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        return wire.encode_info(self.info())
+
+    def info(self) -> wire.ShardInfo:
+        w = self._weights
+        version = int(self._stats["placement_version"])
+        if w is None:
+            return wire.ShardInfo(self.shard_id, {}, "", 0, self.version, False, version)
+        held = {layer: tuple(ids) for layer, ids in w.holdings().items()}
+        hidden = w.hidden_size if w.w13 else 0
+        dtype = wire.dtype_name(w.dtype) if w.w13 else ""
+        return wire.ShardInfo(self.shard_id, held, dtype, hidden, self.version, True, version)
+
+    # ------------------------------------------------------------------ worker thread
+    def _compute(self, weights: ExpertWeights, msg: pb.ComputeRequest) -> pb.ComputeResponse:
+        start = time.perf_counter()
+        req = wire.decode_request(msg)
+        self._check(weights, req)
+        out = weights.compute(req.layer, req.hidden, req.expert_ids, req.weights)
+        resp = wire.encode_response(wire.ExpertResponse(out, req.request_id, self.shard_id))
+        self._count(
+            calls=1, rows=req.num_tokens, pairs=int((req.expert_ids >= 0).sum()),
+            compute_s=time.perf_counter() - start,
+        )  # fmt: skip
+        with self._lock:
+            self._stats["placement_version"] = max(
+                self._stats["placement_version"], req.placement_version
+            )
+        return resp
+
+    def _check(self, weights: ExpertWeights, req: wire.ExpertRequest) -> None:
+        if not req.shard_id:
+            raise ShardRequestError("shard_id is required (the shard the call was planned for)")
+        if req.shard_id != self.shard_id:
+            raise NotHeldError(
+                f"call planned for shard {req.shard_id} on placement v{req.placement_version} "
+                f"reached shard {self.shard_id}"
+            )
+        if self.num_layers is not None and req.layer >= self.num_layers:
+            raise ShardRequestError(f"layer {req.layer} is outside [0, {self.num_layers})")
+        missing = weights.missing(req.layer, req.expert_ids)
+        if missing:
+            named = ", ".join(f"(layer {req.layer}, expert {e})" for e in missing[:_NAMED])
+            more = f" and {len(missing) - _NAMED} more" if len(missing) > _NAMED else ""
+            raise NotHeldError(
+                f"shard {self.shard_id} does not hold {named}{more} (call planned on "
+                f"placement v{req.placement_version})"
+            )
+        hidden = weights.hidden_size
+        if req.hidden.shape[1] != hidden:
+            raise ShardRequestError(
+                f"hidden size {req.hidden.shape[1]} != {hidden} held by shard {self.shard_id}"
+            )
+
+    def _count(self, **deltas: float) -> None:
+        with self._lock:
+            for key, value in deltas.items():
+                self._stats[key] += value
+
+
+def _handlers(servicer: ExpertShardServicer) -> grpc.GenericRpcHandler:
+    """ExpertShard methods with lenient deserializers (garbage -> INVALID_ARGUMENT, not
+    UNKNOWN)."""
+    methods = {
+        "Compute": (servicer.Compute, pb.ComputeRequest, pb.ComputeResponse),
+        "Info": (servicer.Info, pb.InfoRequest, pb.InfoResponse),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            fn,
+            request_deserializer=_lenient(req.FromString),
+            response_serializer=resp.SerializeToString,
+        )
+        for name, (fn, req, resp) in methods.items()
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+async def start_expert_server(
+    weights: ExpertWeights | ExpertShardServicer | None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
+    *,
+    shard_id: str = "shard-0",
+    token: str | None = None,
+    tls: security.TLSFiles | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `weights` (or a prepared servicer); returns (server, port).
+
+    Pass a servicer built with `weights=None` to serve UNAVAILABLE while loading and call
+    `await servicer.set_weights(w)` later. Binds `host` only; port 0 = ephemeral. With `token`,
+    ExpertShard calls need it (UNAUTHENTICATED otherwise); with `tls` (cert + key), TLS only.
+    """
+    servicer = (
+        weights
+        if isinstance(weights, ExpertShardServicer)
+        else ExpertShardServicer(weights, shard_id)
+    )
+    options = wire.message_options(max_message_mb) + [
+        ("grpc.keepalive_permit_without_calls", 1),  # clients keep idle channels warm
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    token = security.check_token(token)
+    interceptors = [security.TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer.health, server)
+    services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if tls is not None and tls.serves_tls:
+        bound = server.add_secure_port(bind, security.server_credentials(tls))
+    else:
+        bound = server.add_insecure_port(bind)
+    if bound == 0:
+        raise OSError(f"expert shard {servicer.shard_id} could not bind {bind}")
+    await server.start()
+    await servicer.publish_health()
+    return server, bound
+
+
+def layer_assignment(assignment: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    """Normalise {layer: ids} (keys may arrive as strings through JSON): ints, sorted, no empty
+    layers."""
+    return {int(k): sorted(int(e) for e in v) for k, v in sorted(assignment.items()) if len(v)}
+
+
+def _default_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"expertmesh {version('expertmesh')} ({WIRE_VERSION})"
+    except Exception:  # not installed as a distribution (source checkout)
+        return f"expertmesh dev ({WIRE_VERSION})"
