@@ -55,7 +55,7 @@ class _Step:
     ids: torch.Tensor  # [T, K] long, global ids
     weights: torch.Tensor  # [T, K] float32
     request_id: str
-    out: torch.Tensor  # [T, H] float64 accumulator
+    out: torch.Tensor | None = None  # [T, H] float64 accumulator (made on the loop thread)
     deadline: float | None = None  # set when the step first waits for recovery
     wait_start: float = 0.0
 
@@ -132,8 +132,7 @@ class RemoteExpertBackend:
             raise UnknownExpertError(f"layer {layer} is not in the placement table")
         if int(ids.max()) >= table.num_experts:
             raise UnknownExpertError(f"expert {int(ids.max())} is not in the placement table")
-        step = _Step(layer, hidden, ids, weights.float(), f"{next(self._steps)}:{layer}",
-                     torch.zeros(hidden.shape, dtype=torch.float64))  # fmt: skip
+        step = _Step(layer, hidden, ids, weights.float(), f"{next(self._steps)}:{layer}")
         shard_of = self._assign(table, step, pairs)
         covered = shard_of >= 0
         calls = self._build(table, step, pairs[covered], shard_of[covered])
@@ -193,6 +192,9 @@ class RemoteExpertBackend:
 
     # ------------------------------------------------------------------ serving (loop thread)
     async def _run(self, step, table, calls, uncovered) -> torch.Tensor:
+        # made here, not in the caller's thread: a tensor born under the model's
+        # torch.inference_mode could not be updated in place on this thread
+        step.out = torch.zeros(step.hidden.shape, dtype=torch.float64)
         jobs = [self._serve_call(step, call) for call in calls]
         if uncovered.numel():
             jobs.append(self._wait_then_serve(step, uncovered, table))

@@ -133,6 +133,9 @@ def test_padding_bf16_and_empty_steps(full, tables) -> None:
             got, local.submit(0, hidden, ids, weights).result(), atol=1e-5, rtol=0
         )
         assert torch.all(got[2] == 0)
+        with torch.inference_mode():  # how the model runner calls it
+            inf = backend.submit(0, hidden, ids, weights).result()
+        assert torch.equal(inf, got)
         bf = backend.submit(0, hidden.bfloat16(), ids, weights).result()
         assert bf.dtype == torch.bfloat16
         torch.testing.assert_close(bf.float(), got, atol=0.05, rtol=0.05)
