@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import yaml
 from cluster.autoscaler import ShardAutoscalingConfig
 from cluster.expert_load import LoadThresholds
 from cluster.rebalancer import RebalanceConfig
+from router.security import TOKEN_ENV, SecurityConfigError, TLSFiles, check_token
 from workers.cache_config import CacheConfig
 from workers.config import COMPUTE_DTYPES
 from workers.quant import EXPERT_DTYPES
@@ -45,12 +47,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """TLS of the expert RPC (PEM paths, present on every node)."""
+
+    cert: str | None = None  # shard certificate; with `key`, shards serve TLS only
+    key: str | None = None
+    ca: str | None = None  # CA bundle routers verify shard certificates with
+    server_name: str | None = None  # name checked in the certificate instead of the shard IP
+
+
+@dataclass(frozen=True)
 class ExpertsConfig:
     shards: int = 2  # expert-shard actors (0 = experts local in every dense replica)
     placement: str = "spread"  # Ray placement-group strategy for the shards
     num_cpus: float = 0.5
     num_gpus: float = 0.0
-    rpc_timeout_s: float = 30.0
+    rpc_timeout_s: float = 30.0  # one shard call; past it the call is a shard fault
     max_message_mb: int = 256
     # routed-expert storage: float32 | bfloat16 | int8 | int4 (weight-only, fp32 scales;
     # workers/quant.py); null = the compute dtype (`dtype`). Shards and local experts alike.
@@ -66,6 +78,21 @@ class ExpertsConfig:
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     autoscaling: ShardAutoscalingConfig = field(default_factory=ShardAutoscalingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    # how long a step may wait for the pool to bring back experts with no live replica
+    recovery_timeout_s: float = 60.0
+    # send a call slower than this to a replica as well (first answer wins); null = off
+    hedge_after_s: float | None = None
+    token: str | None = None  # cluster token of the expert RPC (or EXPERTMESH_CLUSTER_TOKEN)
+    bind_host: str | None = None  # shards bind this address; null = the node IP
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+    def cluster_token(self) -> str | None:
+        """`token`, else the EXPERTMESH_CLUSTER_TOKEN environment variable, else None."""
+        return self.token or os.environ.get(TOKEN_ENV) or None
+
+    def tls_files(self) -> TLSFiles | None:
+        t = self.tls
+        return TLSFiles(t.cert, t.key, t.ca, t.server_name) if t.cert else None
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,10 @@ def _validate(c: ClusterConfig) -> None:
         (c.experts.rpc_timeout_s > 0, "experts.rpc_timeout_s", "must be > 0"),
         (c.experts.max_message_mb > 0, "experts.max_message_mb", "must be > 0"),
         *_expert_pool_rules(c.experts),
+        (c.experts.recovery_timeout_s > 0, "experts.recovery_timeout_s", "must be > 0"),
+        (c.experts.hedge_after_s is None or c.experts.hedge_after_s > 0,
+         "experts.hedge_after_s", "must be > 0 (or null: no hedging)"),
+        (c.experts.bind_host != "", "experts.bind_host", "must be an address (or null: node IP)"),
         (c.dense.num_cpus >= 0, "dense.num_cpus", "must be >= 0"),
         (1 <= c.dense.micro_batches <= 8, "dense.micro_batches", "must be in [1, 8]"),
         (c.dense.prefix_routing_imbalance >= 0, "dense.prefix_routing_imbalance", "must be >= 0"),
@@ -230,6 +261,26 @@ def _validate(c: ClusterConfig) -> None:
         c.dense.cache_config()
     except ValueError as exc:
         raise ClusterConfigError(f"dense.{exc}") from None
+    _validate_security(c.experts)
+
+
+def _validate_security(e: ExpertsConfig) -> None:
+    try:
+        check_token(e.token)
+    except SecurityConfigError as exc:
+        raise ClusterConfigError(f"experts.token: {exc}") from None
+    t = e.tls
+    given = {name: getattr(t, name) for name in ("cert", "key", "ca")}
+    if any(given.values()) or t.server_name:
+        missing = [name for name, path in given.items() if not path]
+        if missing:
+            raise ClusterConfigError(
+                f"experts.tls.{missing[0]}: required with TLS (cert, key and ca go together)"
+            )
+    for name in ("cert", "key", "ca"):
+        path = getattr(t, name)
+        if path and not Path(path).is_file():
+            raise ClusterConfigError(f"experts.tls.{name}: file not found: {path}")
 
 
 def _expert_pool_rules(e: ExpertsConfig) -> list[tuple[bool, str, str]]:

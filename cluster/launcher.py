@@ -94,7 +94,8 @@ class ExpertPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
             ).remote(model_dir, spec.shard_id, spec.assignment(), config.dtype,
                      max_message_mb=e.max_message_mb, torch_threads=max(1, int(e.num_cpus)),
-                     expert_dtype=e.dtype)
+                     expert_dtype=e.dtype, token=e.cluster_token(), tls=e.tls_files(),
+                     host=e.bind_host)
             for i, spec in enumerate(table.shards)
         ]  # fmt: skip
         try:
@@ -142,8 +143,12 @@ def connect_expert_backend(config: ClusterConfig):
         raise LaunchError("no expert pool is running (start one with ExpertPool.start)") from exc
     table = ray.get(controller.get.remote())
     e = config.experts
-    return RemoteExpertBackend(PlacementHandle(table), timeout_s=e.rpc_timeout_s,
-                               max_message_mb=e.max_message_mb)  # fmt: skip
+    return RemoteExpertBackend(
+        PlacementHandle(table), timeout_s=e.rpc_timeout_s,
+        recovery_timeout_s=e.recovery_timeout_s, hedge_after_s=e.hedge_after_s,
+        token=e.cluster_token(), tls_ca=e.tls.ca, tls_server_name=e.tls.server_name,
+        max_message_mb=e.max_message_mb,
+    )  # fmt: skip
 
 
 class _RemoteDenseWorker:

@@ -24,40 +24,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
-from router import planner, security, wire
+from router import planner, wire
+from router.channels import ShardChannels
 from router.faults import Exclusions, ExpertRPCError, ExpertsUnavailableError, ShardFault, classify
 from router.metrics import ClientMetrics
-from router.placement import PlacementHandle, PlacementTable
-from router.rpc import expert_pb2 as pb
-from router.rpc import expert_pb2_grpc as pb_grpc
+from router.placement import PlacementHandle, PlacementTable, ShardSpec
+from router.planner import Step
+from router.recovery import Recovery
 from workers.experts import DoneHandle, UnknownExpertError
 
 __all__ = ["ExpertRPCError", "ExpertsUnavailableError", "RemoteExpertBackend", "RemoteHandle"]
 log = logging.getLogger(__name__)
-_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2_000),
-]  # fmt: skip
 PROBE_TIMEOUT_S = 2.0
-
-
-@dataclass
-class _Step:
-    layer: int
-    hidden: torch.Tensor  # [T, H]
-    ids: torch.Tensor  # [T, K] long, global ids
-    weights: torch.Tensor  # [T, K] float32
-    request_id: str
-    out: torch.Tensor | None = None  # [T, H] float64 accumulator (made on the loop thread)
-    deadline: float | None = None  # set when the step first waits for recovery
-    wait_start: float = 0.0
 
 
 class RemoteHandle:
@@ -100,15 +83,14 @@ class RemoteExpertBackend:
         self.hedge_after_s = hedge_after_s or None  # 0 / None: no hedging
         self.probe_interval_s = probe_interval_s
         self.on_fault = on_fault
-        self._metadata = security.call_metadata(security.check_token(token))
-        self._credentials = security.channel_credentials(tls_ca) if tls_ca else None
-        self._options = wire.message_options(max_message_mb) + _CHANNEL_OPTIONS
-        if tls_server_name:
-            self._options.append(("grpc.ssl_target_name_override", tls_server_name))
-        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.ExpertShardStub]] = {}
+        self._channels = ShardChannels(max_message_mb, token, tls_ca, tls_server_name)
         self._exclusions = Exclusions()
         self._steps, self._turn = itertools.count(), itertools.count()
         self._metrics = ClientMetrics()
+        self._recovery = Recovery(
+            self.placement, self._exclusions, self._channels, self._metrics,
+            recovery_timeout_s, probe_interval_s, min(timeout_s, PROBE_TIMEOUT_S),
+        )  # fmt: skip
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rpc", daemon=True)
@@ -132,7 +114,7 @@ class RemoteExpertBackend:
             raise UnknownExpertError(f"layer {layer} is not in the placement table")
         if int(ids.max()) >= table.num_experts:
             raise UnknownExpertError(f"expert {int(ids.max())} is not in the placement table")
-        step = _Step(layer, hidden, ids, weights.float(), f"{next(self._steps)}:{layer}")
+        step = Step(layer, hidden, ids, weights.float(), f"{next(self._steps)}:{layer}")
         shard_of = self._assign(table, step, pairs)
         covered = shard_of >= 0
         calls = self._build(table, step, pairs[covered], shard_of[covered])
@@ -169,7 +151,7 @@ class RemoteExpertBackend:
         if self._closed:
             return
         self._closed = True
-        asyncio.run_coroutine_threadsafe(self._close_channels(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._channels.close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
@@ -181,12 +163,12 @@ class RemoteExpertBackend:
         self.close()
 
     # ------------------------------------------------------------------ planning
-    def _assign(self, table: PlacementTable, step: _Step, pairs: torch.Tensor) -> torch.Tensor:
+    def _assign(self, table: PlacementTable, step: Step, pairs: torch.Tensor) -> torch.Tensor:
         excluded = self._exclusions.indices(table)
         experts = step.ids.reshape(-1)[pairs]
         return planner.assign(table, step.layer, experts, excluded, next(self._turn))
 
-    def _build(self, table, step: _Step, pairs, shard_of, tag: str = "") -> list[planner.Call]:
+    def _build(self, table, step: Step, pairs, shard_of, tag: str = "") -> list[planner.Call]:
         return planner.build_calls(table, step.layer, step.hidden, step.ids, step.weights,
                                    pairs, shard_of, step.request_id + tag)  # fmt: skip
 
@@ -208,7 +190,7 @@ class RemoteExpertBackend:
             self._metrics.add("wait_s", time.monotonic() - step.wait_start)
         return step.out.to(step.hidden.dtype)
 
-    async def _serve(self, step: _Step, pairs: torch.Tensor) -> None:
+    async def _serve(self, step: Step, pairs: torch.Tensor) -> None:
         """Compute every pair in `pairs` exactly once, on the newest table."""
         table = self.placement.snapshot()
         shard_of = self._assign(table, step, pairs)
@@ -219,16 +201,16 @@ class RemoteExpertBackend:
             jobs.append(self._wait_then_serve(step, pairs[~covered], table))
         await _gather_all(jobs)
 
-    async def _wait_then_serve(self, step: _Step, pairs: torch.Tensor, table) -> None:
-        await self._await_cover(step, pairs, table)
+    async def _wait_then_serve(self, step: Step, pairs: torch.Tensor, table) -> None:
+        await self._recovery.await_cover(step, pairs, table)
         await self._serve(step, pairs)
 
-    async def _serve_call(self, step: _Step, call: planner.Call) -> None:
+    async def _serve_call(self, step: Step, call: planner.Call) -> None:
         if not await self._attempt(step, call):
             self._metrics.add("replans")
             await self._serve(step, call.pairs)
 
-    async def _attempt(self, step: _Step, call: planner.Call) -> bool:
+    async def _attempt(self, step: Step, call: planner.Call) -> bool:
         """Run `call` (hedged when slow); merge the first complete answer. False: every try
         was a shard fault (already recorded)."""
         primary = asyncio.ensure_future(self._call_all(step, [call]))
@@ -247,7 +229,7 @@ class RemoteExpertBackend:
                     error = task.exception()
                     if error is None:
                         self._merge(step, racers[task], task.result())
-                        self._metrics.add("hedge_wins", task is not primary)
+                        self._metrics.add("hedge_wins", int(task is not primary))
                         return True
                     if not isinstance(error, ShardFault):
                         raise error
@@ -256,7 +238,7 @@ class RemoteExpertBackend:
             for task in racers:
                 task.cancel()
 
-    def _plan_hedge(self, step: _Step, call: planner.Call) -> list[planner.Call] | None:
+    def _plan_hedge(self, step: Step, call: planner.Call) -> list[planner.Call] | None:
         table = self.placement.snapshot()
         excluded = set(self._exclusions.indices(table))
         if call.shard_id in table.shard_ids:
@@ -267,16 +249,16 @@ class RemoteExpertBackend:
             return None
         return self._build(table, step, call.pairs, shard_of, f":h{next(self._turn)}")
 
-    def _merge(self, step: _Step, calls: Sequence[planner.Call], parts) -> None:
+    def _merge(self, step: Step, calls: Sequence[planner.Call], parts) -> None:
         start = time.perf_counter()
         for call, part in zip(calls, parts, strict=True):
             step.out.index_add_(0, call.tokens, part.double())
         self._metrics.add("combine_s", time.perf_counter() - start)
 
-    async def _call_all(self, step: _Step, calls: Sequence[planner.Call]) -> list[torch.Tensor]:
+    async def _call_all(self, step: Step, calls: Sequence[planner.Call]) -> list[torch.Tensor]:
         return await _gather_all([self._call(step, c) for c in calls])
 
-    async def _call(self, step: _Step, call: planner.Call) -> torch.Tensor:
+    async def _call(self, step: Step, call: planner.Call) -> torch.Tensor:
         """One Compute; returns the validated partial [T_s, H]; raises ShardFault (recorded)
         or ExpertRPCError."""
         start = time.perf_counter()
@@ -285,9 +267,7 @@ class RemoteExpertBackend:
         try:
             if not call.address:
                 raise self._fault(call, ShardFault(call.shard_id, "NO_ADDRESS: not started"))
-            stub = self._stub(call.address)
-            reply = await stub.Compute(call.message, timeout=self.timeout_s,
-                                       metadata=self._metadata)  # fmt: skip
+            reply = await self._channels.compute(call.address, call.message, self.timeout_s)
         except grpc.aio.AioRpcError as e:
             self._metrics.record_call(call.shard_id, step.layer, rows, sent, 0,
                                       time.perf_counter() - start)  # fmt: skip
@@ -316,7 +296,7 @@ class RemoteExpertBackend:
         log.warning("expert shard %s at %s failed (%s); re-planning its work",
                     fault.shard_id, call.address, fault.reason)  # fmt: skip
         if fault.connection:
-            self._drop_channel(call.address)
+            self._channels.drop(call.address)
         if self.on_fault is not None:
             try:
                 self.on_fault(fault.shard_id, fault.reason)
@@ -324,93 +304,15 @@ class RemoteExpertBackend:
                 log.exception("on_fault callback failed for shard %s", fault.shard_id)
         return fault
 
-    # ------------------------------------------------------------------ recovery (loop thread)
-    async def _await_cover(self, step: _Step, pairs: torch.Tensor, table: PlacementTable) -> None:
-        """Wait until a newer table arrives or an excluded holder answers a probe; raise
-        ExpertsUnavailableError when the step's recovery time is up."""
-        now = time.monotonic()
-        if step.deadline is None:
-            step.deadline, step.wait_start = now + self.recovery_timeout_s, now
-            self._metrics.add("waits")
-        experts = torch.unique(step.ids.reshape(-1)[pairs]).tolist()
-        log.warning("layer %d: no live shard holds experts %s; waiting for the pool to recover",
-                    step.layer, experts[:16])  # fmt: skip
-        next_probe, delay = now + min(self.probe_interval_s, 0.05), 0.005
-        while self.placement.version <= table.version:
-            now = time.monotonic()
-            if now >= step.deadline:
-                raise ExpertsUnavailableError(step.layer, experts, now - step.wait_start)
-            if now >= next_probe:
-                if await self._probe(table, step.layer, experts):
-                    return
-                next_probe = time.monotonic() + self.probe_interval_s
-            await asyncio.sleep(min(delay, max(step.deadline - now, 0.0)))
-            delay = min(2 * delay, 0.05)
-
-    async def _probe(self, table: PlacementTable, layer: int, experts: list[int]) -> bool:
-        """Probe the excluded live holders of `experts`; un-exclude those that answer as the
-        table expects. True if any did."""
-        candidates = [
-            sid for sid in self._exclusions.active(table)
-            if sid in table.shard_ids and table.shard(sid).live
-            and any(table.holds(sid, layer, e) for e in experts)
-        ]  # fmt: skip
-        results = await asyncio.gather(*(self._probe_one(table, sid, layer) for sid in candidates))
-        return any(results)
-
-    async def _probe_one(self, table: PlacementTable, shard_id: str, layer: int) -> bool:
-        spec = table.shard(shard_id)
-        self._metrics.add("probes")
-        try:
-            reply = await self._stub(spec.address).Info(
-                pb.InfoRequest(), timeout=min(self.timeout_s, PROBE_TIMEOUT_S),
-                metadata=self._metadata,
-            )  # fmt: skip
-        except grpc.aio.AioRpcError:
-            return False
-        info = wire.decode_info(reply)
-        wanted = set(spec.experts[layer])
-        if not (
-            info.ready and info.shard_id == shard_id and wanted <= set(info.experts.get(layer, ()))
-        ):
-            return False
-        self._exclusions.remove(shard_id)
-        self._metrics.add("probes_ok")
-        log.info("expert shard %s answers again; back in this router's plans", shard_id)
-        return True
-
-    # ------------------------------------------------------------------ channels (loop thread)
-    def _stub(self, address: str) -> pb_grpc.ExpertShardStub:
-        if address not in self._channels:  # one reused channel per shard endpoint
-            if self._credentials is not None:
-                channel = grpc.aio.secure_channel(address, self._credentials, self._options)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
-            self._channels[address] = (channel, pb_grpc.ExpertShardStub(channel))
-        return self._channels[address][1]
-
-    def _drop_channel(self, address: str) -> None:
-        entry = self._channels.pop(address, None)
-        if entry is not None:
-            asyncio.ensure_future(entry[0].close(grace=None))
-
     async def _info_all(self, table: PlacementTable) -> list[wire.ShardInfo]:
-        async def one(spec) -> wire.ShardInfo:
+        async def one(spec: ShardSpec) -> wire.ShardInfo:
             try:
-                reply = await self._stub(spec.address).Info(
-                    pb.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata
-                )
+                return await self._channels.info(spec.address, self.timeout_s)
             except grpc.aio.AioRpcError as e:
                 raise ExpertRPCError(spec.shard_id, spec.address, -1, e.code().name,
                                      e.details() or "") from None  # fmt: skip
-            return wire.decode_info(reply)
 
         return list(await asyncio.gather(*(one(spec) for spec in table.shards)))
-
-    async def _close_channels(self) -> None:
-        channels = [ch for ch, _ in self._channels.values()]
-        self._channels.clear()
-        await asyncio.gather(*(ch.close() for ch in channels))
 
 
 async def _gather_all(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:

@@ -24,6 +24,20 @@ from router.rpc import expert_pb2 as pb
 
 
 @dataclass
+class Step:
+    """One submitted layer step: its routed work and the accumulator of the answers."""
+
+    layer: int
+    hidden: torch.Tensor  # [T, H]
+    ids: torch.Tensor  # [T, K] long, global ids
+    weights: torch.Tensor  # [T, K] float32
+    request_id: str
+    out: torch.Tensor | None = None  # [T, H] float64 accumulator (made on the loop thread)
+    deadline: float | None = None  # set when the step first waits for recovery
+    wait_start: float = 0.0
+
+
+@dataclass
 class Call:
     """One shard call: `pairs` (flat pair indices) of `tokens` (step token indices)."""
 

@@ -44,6 +44,16 @@ def test_defaults_and_nested_overrides(tmp_path):
         ({"dense": {"kv_cache_fraction": 1.5}}, "dense.kv_cache_fraction: must be in (0, 0.95]"),
         ({"dense": {"prefix_snapshot_every": 100}}, "dense.prefix_snapshot_every: must be a"),
         ({"dense": {"prefix_caching": "yes"}}, "dense.prefix_caching: expected bool"),
+        ({"experts": {"recovery_timeout_s": 0}}, "experts.recovery_timeout_s: must be > 0"),
+        ({"experts": {"hedge_after_s": -1}}, "experts.hedge_after_s: must be > 0 (or null"),
+        ({"experts": {"token": "two words\n"}}, "experts.token: cluster token must be printable"),
+        ({"experts": {"tls": {"cert": "a.pem"}}}, "experts.tls.key: required with TLS"),
+        ({"experts": {"tls": {"server_name": "x"}}}, "experts.tls.cert: required with TLS"),
+        (
+            {"experts": {"tls": {"cert": "/nope/a", "key": "/nope/b", "ca": "/nope/c"}}},
+            "experts.tls.cert: file not found: /nope/a",
+        ),
+        ({"experts": {"tls": {"crt": "a"}}}, "experts.tls.crt: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
@@ -93,3 +103,19 @@ def test_elastic_pool_keys_load_and_bad_ones_name_the_key():
     for raw, message in bad:
         with pytest.raises(ClusterConfigError, match=message.replace("[", r"\[")):
             ClusterConfig.from_dict({"experts": raw})
+
+
+def test_expert_rpc_security_keys(tmp_path, monkeypatch):
+    monkeypatch.delenv("EXPERTMESH_CLUSTER_TOKEN", raising=False)
+    c = ClusterConfig.from_dict({})
+    assert c.experts.cluster_token() is None and c.experts.tls_files() is None
+    assert c.experts.hedge_after_s is None and c.experts.bind_host is None
+    monkeypatch.setenv("EXPERTMESH_CLUSTER_TOKEN", "from-env")
+    assert c.experts.cluster_token() == "from-env"
+    assert ClusterConfig.from_dict({"experts": {"token": "yaml"}}).experts.cluster_token() == "yaml"
+    for name in ("c.pem", "k.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    tls = {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem"),
+           "ca": str(tmp_path / "ca.pem"), "server_name": "expertmesh-shard"}  # fmt: skip
+    files = ClusterConfig.from_dict({"experts": {"tls": tls}}).experts.tls_files()
+    assert files is not None and files.serves_tls and files.server_name == "expertmesh-shard"

@@ -112,6 +112,37 @@ def test_distributed_equals_local(model_dir, ray_local, local_run, shards):
         pool.shutdown()
 
 
+def test_pool_with_cluster_token_and_tls(model_dir, ray_local, local_run, tmp_path, monkeypatch):
+    """experts.tls + the token from EXPERTMESH_CLUSTER_TOKEN: shards serve TLS on the node IP
+    and refuse calls without the token; the launcher's router has both."""
+    from router.client import ExpertRPCError, RemoteExpertBackend
+    from tests.router.pki import write_pki
+
+    pki = write_pki(tmp_path)
+    monkeypatch.setenv("EXPERTMESH_CLUSTER_TOKEN", "pool-token")
+    tls = {"cert": str(pki["name_cert"]), "key": str(pki["name_key"]), "ca": str(pki["ca"]),
+           "server_name": "expertmesh-shard"}  # fmt: skip
+    config = ClusterConfig.from_dict({"model": model_dir, "experts": {
+        "shards": 2, "num_cpus": 0.25, "tls": tls}})  # fmt: skip
+    pool = ExpertPool.start(model_dir, config)
+    try:
+        assert all(not s.address.startswith("0.0.0.0") for s in pool.table.shards)
+        remote = connect_expert_backend(config)
+        lm = load_lm(model_dir, torch.float32, progress=False)
+        logits, tokens = run_greedy(ModelRunner(lm, remote, 8), _prompts())
+        assert tokens == local_run[1][1] and (logits - local_run[1][0]).abs().max() <= 1e-5
+        remote.close()
+        hidden = torch.randn(3, lm.config.hidden_size)
+        ids, weights = torch.tensor([[0, 1]] * 3), torch.full((3, 2), 0.5)
+        with RemoteExpertBackend(
+            pool.table, tls_ca=tls["ca"], tls_server_name=tls["server_name"]
+        ) as bare:
+            with pytest.raises(ExpertRPCError, match="UNAUTHENTICATED: missing cluster token"):
+                bare.submit(0, hidden, ids, weights).result()
+    finally:
+        pool.shutdown()
+
+
 def test_actors_are_named_and_generate_cli_matches_local(model_dir, ray_local, capsys):
     ids = ",".join(map(str, _prompts()[0]))
     argv = ["--model", model_dir, "--prompt-ids", ids, "--max-tokens", "8", "--json"]
