@@ -3,6 +3,7 @@
     expertmesh bench moe                    # one MoE layer: ours vs distributed vs transformers
     expertmesh bench roofline               # decode step vs the memory-bandwidth bound
     expertmesh bench e2e --concurrency 64   # served requests vs transformers generate()
+    expertmesh bench rpcsec                 # expert RPC: per-call cost of the token and TLS
     expertmesh bench e2e --concurrency 1,4,16,64 --peers llama.cpp,vllm   # side by side
     expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
     expertmesh bench quant                  # expert storage formats: fidelity and speed
@@ -123,6 +124,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     qu.add_argument("--layer", type=int, default=None, help="default: the middle layer")
     qu.set_defaults(func=_quant)
 
+    rs = sub.add_parser("rpcsec", help="expert RPC: per-call cost of the token and TLS")
+    rs.add_argument("--tokens", type=_ints, default=[1, 64], help="tokens per call")
+    rs.add_argument("--calls", type=int, default=200, help="calls per mode, size and round")
+    rs.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    rs.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    rs.add_argument("--seed", type=int, default=0)
+    rs.set_defaults(func=_rpcsec, model=None, threads=None)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -150,6 +159,17 @@ def _quant(args: argparse.Namespace) -> int:
               args.prompt_len, args.steps, args.repeats, args.layer, args.seed,
               out_dir=args.out)  # fmt: skip
     _show(args.out, "quant")
+    return 0
+
+
+def _rpcsec(args: argparse.Namespace) -> int:
+    from cluster.bench import rpcsec
+
+    _setup(args)
+    if args.calls < 1:
+        raise UsageError("--calls: must be >= 1")
+    rpcsec.run(args.tokens, args.calls, args.repeats, args.seed, out_dir=args.out)
+    _show(args.out, "rpcsec")
     return 0
 
 

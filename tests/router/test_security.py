@@ -12,13 +12,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.bench.pki import write_pki
 from router.client import ExpertRPCError, ExpertsUnavailableError, RemoteExpertBackend
 from router.placement import PlacementTable, ShardSpec
 from router.rpc import expert_pb2 as pb
 from router.rpc import expert_pb2_grpc as pb_grpc
 from router.security import SecurityConfigError, TLSFiles, channel_credentials
 from tests.router.helpers import E, routing
-from tests.router.pki import write_pki
 from workers.experts import LocalExpertBackend
 
 ALL = (tuple(range(E)),) * 2

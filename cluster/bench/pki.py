@@ -1,5 +1,6 @@
-"""Test PKI: a CA and two shard certificates (one for IP 127.0.0.1, one for the name
-expertmesh-shard only), made with the `cryptography` package when installed, else openssl."""
+"""A throwaway PKI for tests and benchmarks of the expert RPC's TLS: a CA and two shard
+certificates (one for IP 127.0.0.1, one for the name expertmesh-shard only), made with the
+`cryptography` package when installed, else the openssl CLI. Not for production keys."""
 
 from __future__ import annotations
 
