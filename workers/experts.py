@@ -112,29 +112,32 @@ class ExpertWeights:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (*self.w13.values(), *self.w2.values()))
 
+    def _rows(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of w13/w2 with -1 for padding, mask of ids >= 0 not held) for long ids."""
+        local = self._local.get(layer)
+        if local is None or local.numel() == 0:
+            return torch.full_like(ids, -1), ids >= 0
+        rows = local[ids.clamp(0, local.numel() - 1)]
+        bad = (ids >= 0) & ((ids >= local.numel()) | (rows < 0))
+        return rows.masked_fill(ids < 0, -1), bad
+
     def missing(self, layer: int, global_ids: torch.Tensor) -> list[int]:
         """Sorted distinct ids >= 0 in `global_ids` that are not held in `layer`."""
-        ids = torch.unique(global_ids[global_ids >= 0])
-        local = self._local.get(layer)
-        if local is None:
-            return ids.tolist()
-        inside = ids < local.numel()
-        held = torch.zeros_like(ids, dtype=torch.bool)
-        held[inside] = local[ids[inside]] >= 0
-        return ids[~held].tolist()
+        ids = global_ids.long()
+        _, bad = self._rows(layer, ids)
+        return torch.unique(ids[bad]).tolist() if bool(bad.any()) else []
 
     def local_ids(self, layer: int, global_ids: torch.Tensor) -> torch.Tensor:
         """Map global expert ids of `layer` to rows of w13/w2; -1 stays -1 (padding)."""
         ids = global_ids.long()
-        if ids.numel() == 0:
-            return ids
-        missing = self.missing(layer, ids)
-        if missing:
+        rows, bad = self._rows(layer, ids)
+        if bool(bad.any()):
+            missing = torch.unique(ids[bad]).tolist()
             raise UnknownExpertError(
                 f"layer {layer}: expert {missing[0]} is not held here"
                 + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
-        return self._local[layer][ids.clamp(min=0)].masked_fill(ids < 0, -1)
+        return rows
 
     def compute(
         self, layer: int, hidden: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor
@@ -142,6 +145,8 @@ class ExpertWeights:
         """sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]) -> [T, H] for GLOBAL expert ids
         of `layer` (ids < 0 are skipped); UnknownExpertError for an expert not held."""
         local = self.local_ids(layer, global_ids)
+        if layer not in self.w13:  # nothing held in this layer: only padding got this far
+            return torch.zeros_like(hidden)
         return grouped_swiglu(hidden, local, weights, self.w13[layer], self.w2[layer])
 
     def with_experts(self, other: ExpertWeights) -> ExpertWeights:

@@ -187,7 +187,7 @@ class ExpertShardServicer:
                 f"shard {self.shard_id} does not hold {named}{more} (call planned on "
                 f"placement v{req.placement_version})"
             )
-        hidden = weights.hidden_size
+        hidden = weights.hidden_size if weights.w13 else req.hidden.shape[1]  # none held: any
         if req.hidden.shape[1] != hidden:
             raise ShardRequestError(
                 f"hidden size {req.hidden.shape[1]} != {hidden} held by shard {self.shard_id}"

@@ -88,6 +88,11 @@ def test_per_layer_holdings_and_live_changes():
     shrunk = grown.without_experts({3: [5, 7], 6: [0]})
     assert shrunk.holdings() == {3: [1], 4: [2, 5]} and 6 not in shrunk.w13
     assert torch.equal(shrunk.w13[3][0], w13[1])
+    pad = torch.full((2, 2), -1)  # a layer with nothing held: padding only gives zeros
+    assert torch.equal(weights.compute(9, x[:2], pad, w[:2]), torch.zeros_like(x[:2]))
+    assert weights.local_ids(9, pad).tolist() == pad.tolist() and weights.missing(9, pad) == []
+    with pytest.raises(UnknownExpertError, match=r"layer 9: expert 5 is not held here \(nor 1"):
+        weights.compute(9, x[:2], torch.tensor([[5, -1], [6, 5]]), w[:2])
     with pytest.raises(ValueError, match="layer 3: 2 distinct non-negative expert ids"):
         ExpertWeights({3: (1, 1)}, {3: w13[:2]}, {3: w2[:2]})
 
