@@ -100,7 +100,8 @@ class RemoteExpertBackend:
     def submit(
         self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> RemoteHandle | DoneHandle:
-        """Start layer `layer`'s routed work: hidden [T, H], ids [T, K] global, weights [T, K]."""
+        """Start layer `layer`'s routed work: hidden [T, H], ids [T, K] global, weights [T, K].
+        The tensors must stay unchanged until `result()` (a re-plan reads them again)."""
         if self._closed:
             raise RuntimeError("RemoteExpertBackend is closed")
         start = time.perf_counter()
