@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
+import torch
 
 from router.security import TLSFiles
 from workers.config import compute_dtype
@@ -103,9 +104,11 @@ class ExpertShardActor:
     def _read(self, assignment: dict[int, list[int]]) -> ExpertWeights:
         from workers.checkpoint import load_expert_weights
 
+        # as local experts: an fp32 compute of a bf16 checkpoint keeps bf16 (bit-identical)
+        lossless = "lossless" if self.dtype == torch.float32 else None
         return load_expert_weights(
             self.model_dir, self._config, dtype=self.dtype, progress=False,
-            storage=self.expert_dtype, assignment=assignment,
+            storage=self.expert_dtype or lossless, assignment=assignment,
         )  # fmt: skip
 
     async def _load_initial(self) -> None:

@@ -190,14 +190,22 @@ Weights = torch.Tensor | ExpertPack  # one projection of a layer's experts
 
 
 def _cat_rows(a: Weights, b: Weights) -> Weights:
-    """a's experts then b's (same storage: two packs of one kind, or tensors in a's dtype)."""
-    if isinstance(a, ExpertPack) != isinstance(b, ExpertPack):
-        raise ValueError("cannot join packed and unpacked expert weights")
-    if isinstance(a, ExpertPack):
-        if (a.kind, a.group) != (b.kind, b.group):
-            raise ValueError(f"cannot join {a.kind} and {b.kind} expert packs")
+    """a's experts then b's. Two packs of one kind stay packed; otherwise (a "lossless" load
+    may pack one set and not another) both become plain tensors in a's compute dtype."""
+    if (
+        isinstance(a, ExpertPack)
+        and isinstance(b, ExpertPack)
+        and (a.kind, a.group)
+        == (
+            b.kind,
+            b.group,
+        )
+    ):
         scales = None if a.scales is None else torch.cat([a.scales, b.scales])
         return ExpertPack(a.kind, torch.cat([a.data, b.data]), scales, a.group)
+    if isinstance(a, ExpertPack) or isinstance(b, ExpertPack):
+        a = a.dequantize() if isinstance(a, ExpertPack) else a
+        b = b.dequantize() if isinstance(b, ExpertPack) else b
     return torch.cat([a, b.to(a.dtype)])
 
 

@@ -291,7 +291,8 @@ def test_expert_shard_actor_on_ray(tmp_path) -> None:
     from workers.experts import LocalExpertBackend
     from workers.make_checkpoint import make_checkpoint
 
-    model_dir = make_checkpoint(tmp_path / "ck", "tiny", seed=1, tokenizer=False)
+    # bf16 values computed in fp32: shards keep them as bf16 packs (live ops join/split packs)
+    model_dir = make_checkpoint(tmp_path / "ck", "tiny", seed=1, dtype="bfloat16", tokenizer=False)
     config = ModelConfig.from_hf(model_dir)
     L, N = config.num_hidden_layers, config.num_experts
     table = PlacementTable.contiguous(L, N, 2)
@@ -338,6 +339,11 @@ def test_expert_shard_actor_on_ray(tmp_path) -> None:
         stats = ray.get(shards[1].stats.remote())
         assert stats["loads"] == 1 and stats["experts_loaded"] == 1 and stats["calls"] >= 2
         assert ray.get(shards[0].stats.remote())["experts_released"] == 1
+        from workers import expert_kernel
+
+        params = 3 * config.moe_intermediate_size * config.hidden_size  # per expert
+        per_param = 2 if expert_kernel.load() else 4  # bf16 packs where the kernel runs
+        assert stats["bytes_held"] == stats["experts_held"] * params * per_param
         bad = actor.remote(str(model_dir), "shard-2", {0: [N]}, "float32")
         with pytest.raises(Exception, match=f"expert id {N} out of range"):
             ray.get(bad.ready.remote(), timeout=60)

@@ -137,5 +137,9 @@ def test_live_changes_of_packed_experts(kind):
     assert shrunk.holdings() == {0: [1, 6]} and shrunk.w13[0].kind == kind
     gids = torch.tensor([[6, 1]])
     assert torch.equal(shrunk.compute(0, x[:1], gids, w[:1]), full.compute(0, x[:1], gids, w[:1]))
-    with pytest.raises(ValueError, match="cannot join packed and unpacked"):
-        base.with_experts(ExpertWeights({0: (6,)}, {0: w13[[6]]}, {0: w2[[6]]}))
+    mixed = base.with_experts(ExpertWeights({0: (6,)}, {0: w13[[6]]}, {0: w2[[6]]}))
+    assert isinstance(mixed.w13[0], torch.Tensor) and mixed.holdings() == {0: [1, 4, 6]}
+    gids = torch.tensor([[4, 6]])
+    plain = ExpertWeights({0: (1, 4)}, {0: base.w13[0].dequantize()}, {0: base.w2[0].dequantize()})
+    plain = plain.with_experts(ExpertWeights({0: (6,)}, {0: w13[[6]]}, {0: w2[[6]]}))
+    assert torch.equal(mixed.compute(0, x[:1], gids, w[:1]), plain.compute(0, x[:1], gids, w[:1]))

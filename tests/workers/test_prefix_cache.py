@@ -152,14 +152,14 @@ class _Shards:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        table = PlacementTable.contiguous(config.num_experts, num_shards)
-        self.servers, addresses = [], []
-        for s in range(num_shards):
-            weights = load_expert_weights(model_dir, config, experts=table.local_rows(s))
-            coro = start_expert_server(weights, shard_index=s)
+        table = PlacementTable.contiguous(config.num_hidden_layers, config.num_experts, num_shards)
+        self.servers, addresses = [], {}
+        for spec in table.shards:
+            weights = load_expert_weights(model_dir, config, assignment=spec.assignment())
+            coro = start_expert_server(weights, shard_id=spec.shard_id)
             server, port = asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
             self.servers.append(server)
-            addresses.append(f"127.0.0.1:{port}")
+            addresses[spec.shard_id] = f"127.0.0.1:{port}"
         self.table = table.with_addresses(addresses)
 
     def close(self) -> None:
