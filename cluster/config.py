@@ -125,6 +125,11 @@ class DenseConfig:
     prefix_caching: bool = True
     prefix_snapshot_every: int = 512
     prefix_snapshot_fraction: float = 0.1
+    # opt-in KV eviction: "sink_window" keeps kv_sink_tokens + the last kv_window_tokens of
+    # each sequence in the attention layers (inexact; such sequences skip the prefix cache)
+    kv_eviction: str = "none"
+    kv_sink_tokens: int = 64
+    kv_window_tokens: int = 2048
     # Serve routes a request to the replica holding its prompt's prefix unless that replica
     # has more than prefix_routing_imbalance ongoing requests above the least loaded one
     prefix_routing: bool = True

@@ -17,7 +17,7 @@ from torch import nn
 
 from workers.cache import HybridCache
 from workers.config import ModelConfig
-from workers.layout import DecodeBatch, SeqSpan, StepLayout
+from workers.layout import DecodeBatch, PrefillKeys, StepLayout
 from workers.norms import RMSNorm
 from workers.rope import PartialRope
 
@@ -55,9 +55,9 @@ class GatedAttention(nn.Module):
         out = torch.empty_like(q)  # [T, Hq, D]
         if layout.batch is not None:
             out[layout.batch.rows] = self._decode(q[layout.batch.rows], layout.batch, cache)
-        for i in layout.prefill:
-            span = layout.spans[i]
-            out[span.rows] = self._prefill(q[span.rows], span, cache)
+        for i, keys in zip(layout.prefill, layout.prefill_keys, strict=True):
+            rows = layout.spans[i].rows
+            out[rows] = self._prefill(q[rows], keys, cache)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
@@ -77,19 +77,14 @@ class GatedAttention(nn.Module):
         )
         return o.reshape(b, self.heads, self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, span: SeqSpan, cache: HybridCache) -> torch.Tensor:
-        """q [n, Hq, D] at positions start..end-1 over the sequence's first `end` keys."""
-        bs = cache.block_size
-        blocks = cache.block_table[span.slot, : (span.end + bs - 1) // bs]
-        keys, values = cache.gather(self.layer, blocks)  # [nb, bs, Hkv, D]
-        keys = keys.view(-1, self.kv_heads, self.head_dim)[: span.end]  # [L, Hkv, D]
-        values = values.view(-1, self.kv_heads, self.head_dim)[: span.end]
+    def _prefill(self, q: torch.Tensor, keys: PrefillKeys, cache: HybridCache) -> torch.Tensor:
+        """q [n, Hq, D], one sequence's new tokens -> [n, Hq, D] over its gathered blocks."""
+        k, v = cache.gather(self.layer, keys.blocks)  # [M, bs, Hkv, D]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # [Hq, n, D]
-            keys.transpose(0, 1),  # [Hkv, L, D]
-            values.transpose(0, 1),
-            attn_mask=torch.ones(span.length, span.end, dtype=torch.bool).tril(span.start),  # i
-            # sees keys 0..start+i
+            k.view(-1, self.kv_heads, self.head_dim).transpose(0, 1),  # [Hkv, L, D]
+            v.view(-1, self.kv_heads, self.head_dim).transpose(0, 1),
+            attn_mask=keys.mask,  # [n, L]
             scale=self.head_dim**-0.5,
             enable_gqa=self.heads != self.kv_heads,
         )

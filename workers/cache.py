@@ -45,6 +45,7 @@ class HybridCache:
         self.max_seqs = max_seqs
         self.dtype = dtype
         self.block_size = bs = self.plan.block_size
+        self.window = self.settings.window  # which keys attention keeps (all, or sinks + window)
         k = c.linear_conv_kernel_dim - 1
         state = (max_seqs, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)
         self.conv = {i: torch.zeros(max_seqs, c.conv_dim, k, dtype=dtype) for i in c.linear_layers}
@@ -59,6 +60,7 @@ class HybridCache:
         self.block_table = torch.full((max_seqs, max_blocks), NULL_BLOCK, dtype=torch.long)
         self.tables: list[list[int]] = [[] for _ in range(max_seqs)]
         self.lengths = [0] * max_seqs
+        self._evicted = [0] * max_seqs  # logical blocks [sink_blocks, _evicted) are released
         self._free = list(range(max_seqs - 1, -1, -1))
         self._workspace = (torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype))
 
@@ -88,6 +90,7 @@ class HybridCache:
         self.tables[slot] = []
         self.block_table[slot].fill_(NULL_BLOCK)
         self.lengths[slot] = 0
+        self._evicted[slot] = 0
         self._free.append(slot)
 
     def is_allocated(self, slot: int) -> bool:
@@ -114,7 +117,8 @@ class HybridCache:
         if self.tables[slot] or self.lengths[slot]:
             raise ValueError(f"slot {slot} already holds tokens")
         for block in blocks:
-            self.pool.incref(block)
+            if block != NULL_BLOCK:  # (evicted entries of a windowed sequence stay null)
+                self.pool.incref(block)
             self._append_block(slot, block)
         self.lengths[slot] = length
 
@@ -134,6 +138,20 @@ class HybridCache:
                 self.v[layer][block] = self.v[layer][blocks[full]]
             self._append_block(dst, block)
         self.lengths[dst] = length
+        self._evicted[dst] = self._evicted[src]
+
+    def evict(self, slot: int) -> int:
+        """Under a window policy, release the blocks no later query of the slot can see;
+        returns how many were released."""
+        table, dead = self.tables[slot], self.window.first_dead(self.lengths[slot])
+        start = max(self._evicted[slot], self.window.sink_blocks)
+        gone = [b for b in table[start:dead] if b != NULL_BLOCK]
+        if start < dead:
+            self.pool.release(gone)
+            table[start:dead] = [NULL_BLOCK] * (dead - start)
+            self.block_table[slot, start:dead] = NULL_BLOCK
+            self._evicted[slot] = dead
+        return len(gone)
 
     def _new_block(self) -> int:
         block = self.pool.allocate()

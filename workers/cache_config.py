@@ -12,15 +12,16 @@ reserved virtually and touched as blocks are first used.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 from workers.config import ModelConfig
+from workers.kv_window import KVWindow
 
 GB = 1 << 30
+KV_EVICTION = ("none", "sink_window")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class CacheConfig:
     prefix_caching: bool = True
     prefix_snapshot_every: int = 512  # tokens between a prompt's DeltaNet snapshots
     prefix_snapshot_fraction: float = 0.1  # share of the budget kept for snapshots
+    kv_eviction: str = "none"  # "sink_window": attention keeps kv_sink_tokens + the last
+    kv_sink_tokens: int = 64  # kv_window_tokens of each sequence (opt-in, inexact)
+    kv_window_tokens: int = 2048
 
     def __post_init__(self) -> None:
         rules = [
@@ -43,6 +47,10 @@ class CacheConfig:
              and self.prefix_snapshot_every % self.kv_block_size == 0, "prefix_snapshot_every",
              f"a positive multiple of kv_block_size ({self.kv_block_size})"),
             (0 < self.prefix_snapshot_fraction < 1, "prefix_snapshot_fraction", "in (0, 1)"),
+            (self.kv_eviction in KV_EVICTION, "kv_eviction", f"one of {list(KV_EVICTION)}"),
+            (self.kv_sink_tokens >= 0, "kv_sink_tokens", ">= 0"),
+            (self.kv_window_tokens >= self.kv_block_size, "kv_window_tokens",
+             f">= kv_block_size ({self.kv_block_size})"),
         ]  # fmt: skip
         for ok, name, rule in rules:
             if not ok:
@@ -51,8 +59,15 @@ class CacheConfig:
             raise ValueError("kv_cache_gb: set kv_cache_gb or kv_cache_fraction, not both")
 
     @property
+    def window(self) -> KVWindow:
+        if self.kv_eviction == "none":
+            return KVWindow(self.kv_block_size)
+        return KVWindow(self.kv_block_size, self.kv_sink_tokens, self.kv_window_tokens)
+
+    @property
     def caches_prefixes(self) -> bool:
-        return self.prefix_caching
+        """Sequences under an eviction policy never share exact-cache blocks."""
+        return self.prefix_caching and self.window.exact
 
 
 @dataclass(frozen=True)
@@ -96,13 +111,14 @@ def plan_cache(
     max_seqs: int,
     max_model_len: int,
     config: CacheConfig,
+    max_prefill_chunk: int = 512,
 ) -> CachePlan:
     """Split the budget; ValueError naming the setting when it cannot hold one sequence of
     max_model_len tokens."""
     max_len = min(max_model_len, model.max_position_embeddings)
     state, token = state_bytes(model, dtype), kv_token_bytes(model, dtype)
     block = token * config.kv_block_size
-    seq_blocks = math.ceil(max_len / config.kv_block_size)
+    seq_blocks = config.window.max_blocks(max_len, max_prefill_chunk)
     share = config.prefix_snapshot_fraction if config.caches_prefixes else 0.0
     available = available_memory()
     if config.kv_cache_gb is not None:

@@ -160,7 +160,8 @@ class Engine:
     def _check_fits(self, req: Request) -> None:
         """A request that could not fit in the whole KV pool alone would never finish."""
         cache = self.runner.cache
-        need = -(-(len(req.prompt_ids) + req.params.max_tokens) // cache.block_size)
+        tokens = len(req.prompt_ids) + req.params.max_tokens
+        need = cache.window.max_blocks(tokens, self.config.max_prefill_chunk)
         if need > cache.pool.num_usable:
             raise RequestError(
                 "too_long",

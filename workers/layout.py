@@ -5,8 +5,10 @@ Shape legend
     M  blocks gathered per decode sequence         bs tokens per KV block
 
 For every token: its absolute position and its KV row (`slot_mapping`: block * bs + offset).
-Decode spans (one token) are batched: their block tables [B, M] (null-padded) and an additive
-key mask [B, 1, 1, M * bs]. Prefill spans (several tokens) run one at a time.
+Decode spans (one token) are batched: the blocks they attend to [B, M] (null-padded) and an
+additive key mask [B, 1, 1, M * bs]. Prefill spans (several tokens) run one at a time, each
+with its blocks [M] and a boolean mask [n, M * bs]. Which blocks and keys a query sees comes
+from the cache's KVWindow (all earlier keys, or sinks + a recent window).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from workers.blocks import NULL_BLOCK
 
 if TYPE_CHECKING:
     from workers.cache import HybridCache
@@ -48,6 +52,12 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class PrefillKeys:
+    blocks: torch.Tensor  # [M] block ids to gather
+    mask: torch.Tensor  # [n, M * bs] True where the query may see the key
+
+
+@dataclass(frozen=True)
 class StepLayout:
     spans: tuple[SeqSpan, ...]
     positions: torch.Tensor  # [T] absolute position of every token
@@ -55,6 +65,7 @@ class StepLayout:
     decode: tuple[int, ...]  # indices of single-token spans (batched paths)
     prefill: tuple[int, ...]  # indices of the other spans (one at a time)
     batch: DecodeBatch | None  # the decode spans' tables and mask
+    prefill_keys: tuple[PrefillKeys, ...]  # per prefill span (same order as `prefill`)
 
     @property
     def num_tokens(self) -> int:
@@ -82,16 +93,35 @@ class StepLayout:
         decode = tuple(i for i, s in enumerate(spans) if s.length == 1)
         prefill = tuple(i for i, s in enumerate(spans) if s.length > 1)
         batch = _decode_batch([spans[i] for i in decode], cache) if decode else None
-        return cls(tuple(spans), positions, slot_mapping, decode, prefill, batch)
+        keys = tuple(_prefill_keys(spans[i], cache) for i in prefill)
+        return cls(tuple(spans), positions, slot_mapping, decode, prefill, batch, keys)
+
+
+def _gathered(
+    slots: torch.Tensor, first: torch.Tensor, end: torch.Tensor, cache: HybridCache
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences `slots` with queries at first..end-1 -> blocks to gather [B, M], and the
+    position [B, M * bs] and presence [B, M * bs] of every gathered key."""
+    bs = cache.block_size
+    idx, used = cache.window.live_blocks(first, end)  # [B, M]
+    blocks = cache.block_table[slots[:, None], idx].masked_fill(~used, NULL_BLOCK)
+    key_pos = (idx[:, :, None] * bs + torch.arange(bs)).flatten(1)  # [B, M*bs]
+    present = used.repeat_interleave(bs, dim=1) & (key_pos < end[:, None])
+    return blocks, key_pos, present
 
 
 def _decode_batch(spans: list[SeqSpan], cache: HybridCache) -> DecodeBatch:
-    bs = cache.block_size
     slots = torch.tensor([s.slot for s in spans])
-    lengths = torch.tensor([s.end for s in spans])  # keys each new token attends to
-    width = int(lengths.max() + bs - 1) // bs  # M
-    blocks = cache.block_table[slots, :width].reshape(-1)
-    keys = torch.arange(width * bs)
-    mask = torch.zeros(len(spans), 1, 1, width * bs, dtype=cache.dtype)
-    mask.masked_fill_((keys[None, :] >= lengths[:, None])[:, None, None, :], float("-inf"))
-    return DecodeBatch(torch.tensor([s.offset for s in spans]), slots, blocks, mask)
+    end = torch.tensor([s.end for s in spans])  # the new token is at end - 1
+    blocks, key_pos, present = _gathered(slots, end - 1, end, cache)
+    sees = cache.window.key_mask(key_pos, present, (end - 1)[:, None])  # [B, 1, K]
+    mask = torch.zeros(len(spans), 1, 1, key_pos.shape[1], dtype=cache.dtype)
+    mask.masked_fill_(~sees[:, None], float("-inf"))
+    return DecodeBatch(torch.tensor([s.offset for s in spans]), slots, blocks.reshape(-1), mask)
+
+
+def _prefill_keys(span: SeqSpan, cache: HybridCache) -> PrefillKeys:
+    first, end = torch.tensor([span.start]), torch.tensor([span.end])
+    blocks, key_pos, present = _gathered(torch.tensor([span.slot]), first, end, cache)
+    queries = torch.arange(span.start, span.end)[None, :]  # [1, n]
+    return PrefillKeys(blocks[0], cache.window.key_mask(key_pos, present, queries)[0])

@@ -80,6 +80,8 @@ class Scheduler:
             req.num_computed += len(w.tokens)
             if self.prefix is not None:
                 self.prefix.after_step(req)
+            if not self.cache.window.exact:
+                self.cache.evict(req.slot)
             if w.sample and req.forks:
                 forked[id(req)] = self._fork(req)
         return forked
@@ -160,7 +162,8 @@ class Scheduler:
             return False
         hit = self.prefix.match(req) if self.prefix is not None else PrefixHit.none()
         pending = len(req.all_ids) - hit.tokens + 1  # + the first output token
-        need = -(-pending // cache.block_size) + len(req.forks)
+        chunk = self.config.max_prefill_chunk
+        need = cache.window.max_blocks(pending, chunk) + len(req.forks)
         if need + hit.idle > self._free_blocks():
             return False
         req.slot = cache.allocate()

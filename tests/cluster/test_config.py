@@ -54,6 +54,8 @@ def test_defaults_and_nested_overrides(tmp_path):
             "experts.tls.cert: file not found: /nope/a",
         ),
         ({"experts": {"tls": {"crt": "a"}}}, "experts.tls.crt: unknown key"),
+        ({"dense": {"kv_eviction": "lru"}}, "dense.kv_eviction: must be one of"),
+        ({"dense": {"kv_window_tokens": 8}}, "dense.kv_window_tokens: must be >= kv_block_size"),
     ],
 )
 def test_bad_values_name_the_key(raw, message):
