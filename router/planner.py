@@ -96,23 +96,26 @@ def build_calls(
 
     hidden [T, H]; ids [T, K] long global ids; weights [T, K] float32."""
     T, K = ids.shape
+    owner = torch.full((T * K,), -1, dtype=torch.long)
+    owner[pairs] = shard_of_pair
+    owner = owner.view(T, K)
+    ids32 = ids.to(torch.int32)
     calls = []
     for s in torch.unique(shard_of_pair).tolist():
-        mine = pairs[shard_of_pair == s]
-        on = torch.zeros(T * K, dtype=torch.bool)
-        on[mine] = True
-        on = on.view(T, K)
+        on = owner == s
         tokens = on.any(1).nonzero().squeeze(1)
+        on = on[tokens]
         spec = table.shards[s]
         request = wire.ExpertRequest(
             layer,
             hidden[tokens],
-            torch.where(on, ids, -1)[tokens].to(torch.int32),
-            torch.where(on, weights, 0.0)[tokens],
+            ids32[tokens].masked_fill(~on, -1),
+            weights[tokens].masked_fill(~on, 0.0),
             f"{request_id}:{spec.shard_id}",
             table.version,
             spec.shard_id,
         )
         message = wire.encode_request(request)
+        mine = pairs[shard_of_pair == s]
         calls.append(Call(spec.shard_id, spec.address, tokens, mine, message))
     return calls

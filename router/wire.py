@@ -72,12 +72,15 @@ def message_options(max_message_mb: float) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
-def encode_tensor(t: torch.Tensor) -> pb.Tensor:
-    """A CPU tensor -> Tensor message (one copy of the element bytes)."""
+def encode_tensor(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """A CPU tensor -> Tensor message; fills `out` in place when given (a field of a larger
+    message: no second copy of the bytes into the parent)."""
     t = t.detach().cpu().contiguous()
-    name = dtype_name(t.dtype)
-    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return pb.Tensor(dtype=name, shape=list(t.shape), data=data)
+    out = pb.Tensor() if out is None else out
+    out.dtype = dtype_name(t.dtype)
+    out.shape[:] = list(t.shape)
+    out.data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return out
 
 
 def decode_tensor(msg: pb.Tensor, what: str = "tensor") -> torch.Tensor:
@@ -192,15 +195,16 @@ def _check_request(req: ExpertRequest) -> None:
 
 
 def encode_request(req: ExpertRequest) -> pb.ComputeRequest:
-    return pb.ComputeRequest(
+    msg = pb.ComputeRequest(
         layer=req.layer,
-        hidden=encode_tensor(req.hidden),
-        expert_ids=encode_tensor(req.expert_ids),
-        weights=encode_tensor(req.weights),
         request_id=req.request_id,
         placement_version=req.placement_version,
         shard_id=req.shard_id,
     )
+    encode_tensor(req.hidden, msg.hidden)
+    encode_tensor(req.expert_ids, msg.expert_ids)
+    encode_tensor(req.weights, msg.weights)
+    return msg
 
 
 def decode_request(msg: pb.ComputeRequest) -> ExpertRequest:
@@ -217,9 +221,9 @@ def decode_request(msg: pb.ComputeRequest) -> ExpertRequest:
 
 
 def encode_response(resp: ExpertResponse) -> pb.ComputeResponse:
-    return pb.ComputeResponse(
-        output=encode_tensor(resp.output), request_id=resp.request_id, shard_id=resp.shard_id
-    )
+    msg = pb.ComputeResponse(request_id=resp.request_id, shard_id=resp.shard_id)
+    encode_tensor(resp.output, msg.output)
+    return msg
 
 
 def decode_response(
