@@ -90,23 +90,43 @@ async def _peer_tokens(url: str, peer: str, w: Workload) -> list[list[int]]:
 
 @contextlib.contextmanager
 def peer_session(peer: str, model_dir: Path, n: int, log) -> Iterator[Callable[[Workload], Run]]:
+    """Yields run(workload). llama-server runs with as many slots as the workload has
+    requests (`--parallel C`, C x CTX_PER_REQUEST of context, as a user sizes it: its decode
+    attends over the whole context it was given), restarted when C changes (outside the
+    timed part); vLLM schedules up to `n` sequences itself and stays up."""
     from cluster.bench import peers
 
-    if peer == "llama.cpp":
-        cm = peers.llama_session(model_dir, n, CTX_PER_REQUEST, os.cpu_count() or 1, log)
-    elif peer == "vllm":
-        cm = peers.vllm_session(model_dir, n, CTX_PER_REQUEST, log=log)
-    else:
+    if peer not in peers.PEERS:
         raise ValueError(f"--peers: expected some of {list(peers.PEERS)}, got {peer!r}")
-    with cm as url:
+    with contextlib.ExitStack() as stack:
+        state: dict[str, Any] = {}
+
+        def server(c: int) -> str:
+            if peer == "vllm":
+                c = n
+            if state.get("c") != c:
+                if "stack" in state:
+                    state["stack"].close()
+                inner = contextlib.ExitStack()
+                stack.callback(inner.close)
+                if peer == "llama.cpp":
+                    threads = os.cpu_count() or 1
+                    cm = peers.llama_session(model_dir, c, CTX_PER_REQUEST, threads, log)
+                else:
+                    cm = peers.vllm_session(model_dir, c, CTX_PER_REQUEST, log=log)
+                state.update(c=c, stack=inner, url=inner.enter_context(cm))
+                asyncio.run(_peer_clients(state["url"], peer, Workload([[1] * 8], [2])))  # warm
+            return state["url"]
 
         def run(w: Workload) -> Run:
+            url = server(len(w.prompts))
             records, start = asyncio.run(_peer_clients(url, peer, w))
             if peer == "llama.cpp":  # its stream omits some ids: take them unstreamed
                 for rec, ids in zip(records, asyncio.run(_peer_tokens(url, peer, w)), strict=True):
                     rec.token_ids = ids
             return records, start, {"url": url}
 
+        server(n)
         yield run
 
 
