@@ -101,6 +101,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     e2e.add_argument("--prompt-len", type=_range, default=(16, 512), metavar="MIN:MAX")
     e2e.add_argument("--output-len", type=_range, default=(16, 128), metavar="MIN:MAX")
     e2e.add_argument("--max-batched-tokens", type=int, default=512)
+    e2e.add_argument(
+        "--peer-threads", type=int, default=None, help="llama-server -t (default: all cores)"
+    )
     e2e.add_argument("--repeats", type=int, default=3, help="rounds, ours and hf alternating")
     e2e.add_argument("--no-hf", action="store_true", help="skip transformers generate()")
     e2e.add_argument(
@@ -250,7 +253,8 @@ def _e2e(args: argparse.Namespace) -> int:
 
         sweep.run(resolve_model(args.model), args.concurrency, args.peers, mode, args.shards,
                   args.prompt_len, args.output_len, args.max_batched_tokens, args.repeats,
-                  args.seed, args.out, serve_app_builder=builder)  # fmt: skip
+                  args.seed, args.out, serve_app_builder=builder,
+                  peer_threads=args.peer_threads)  # fmt: skip
         _show(args.out, "e2e")
         return 0
     e2e.run(args.model, args.concurrency[0], mode, args.shards, args.prompt_len, args.output_len,

@@ -89,7 +89,9 @@ async def _peer_tokens(url: str, peer: str, w: Workload) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def peer_session(peer: str, model_dir: Path, n: int, log) -> Iterator[Callable[[Workload], Run]]:
+def peer_session(
+    peer: str, model_dir: Path, n: int, log, threads: int | None = None
+) -> Iterator[Callable[[Workload], Run]]:
     """Yields run(workload). llama-server runs with as many slots as the workload has
     requests (`--parallel C`, C x CTX_PER_REQUEST of context, as a user sizes it: its decode
     attends over the whole context it was given), restarted when C changes (outside the
@@ -110,8 +112,8 @@ def peer_session(peer: str, model_dir: Path, n: int, log) -> Iterator[Callable[[
                 inner = contextlib.ExitStack()
                 stack.callback(inner.close)
                 if peer == "llama.cpp":
-                    threads = os.cpu_count() or 1
-                    cm = peers.llama_session(model_dir, c, CTX_PER_REQUEST, threads, log)
+                    t = threads or os.cpu_count() or 1
+                    cm = peers.llama_session(model_dir, c, CTX_PER_REQUEST, t, log)
                 else:
                     cm = peers.vllm_session(model_dir, c, CTX_PER_REQUEST, log=log)
                 state.update(c=c, stack=inner, url=inner.enter_context(cm))
@@ -145,6 +147,7 @@ def run(
     log: Callable[[str], None] = print,
     serve_app_builder: Callable[[Any, str], Any] | None = None,
     ours: bool = True,
+    peer_threads: int | None = None,
 ) -> dict[str, Any]:
     from workers.config import ModelConfig
 
@@ -172,7 +175,8 @@ def run(
         for peer in peers:
             label = {"llama.cpp": "llama.cpp b11434 (f32 GGUF)", "vllm": "vLLM CPU 0.32 (bf16)"}
             log(f"starting {peer} ...")
-            sessions[label[peer]] = stack.enter_context(peer_session(peer, model_dir, n, log))
+            session = peer_session(peer, model_dir, n, log, peer_threads)
+            sessions[label[peer]] = stack.enter_context(session)
         warm = Workload([workloads[n].prompts[0][:16]], [4])
         for fn in sessions.values():
             fn(warm)
@@ -201,6 +205,7 @@ def run(
         "prompt_range": list(prompt_range),
         "output_range": list(output_range),
         "loadavg_1m": [round(x, 2) for x in loads],
+        "llama_threads": peer_threads or os.cpu_count(),
         "workloads": {c: w.describe() for c, w in workloads.items()},
         "contenders": _aggregate(results, tokens, name if ours else None),
     }
@@ -265,6 +270,9 @@ def write_outputs(out: dict[str, Any], out_dir: Path) -> None:
         f"{out['output_range'][1]} (C={max(cs)}: {wl['prompt_tokens']} prompt, "
         f"{wl['output_tokens']} output tokens), seed {out['seed']}, token-id prompts, greedy, "
         "ignore_eos, streamed over HTTP",
+        f"- llama-server threads (-t): {out.get('llama_threads')}; vLLM CPU: its default "
+        "OpenMP threads; ours: the dense replica's torch threads (one core kept for its event "
+        "loop)",
         f"- {out['repeats']} interleaved rounds (a different contender first each round); "
         "medians with min..max over rounds",
         *ratios,
