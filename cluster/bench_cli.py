@@ -7,6 +7,7 @@
     expertmesh bench e2e --concurrency 1,4,16,64 --peers llama.cpp,vllm   # side by side
     expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
     expertmesh bench quant                  # expert storage formats: fidelity and speed
+    expertmesh bench profile                # decode-step profile, fused vs torch experts
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -135,6 +136,13 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     rs.add_argument("--seed", type=int, default=0)
     rs.set_defaults(func=_rpcsec, model=None, threads=None)
 
+    pr = sub.add_parser("profile", help="decode-step profile, fused vs torch experts")
+    common(pr)
+    pr.add_argument("--batches", type=_ints, default=[1, 4, 64])
+    pr.add_argument("--prompt-len", type=int, default=128)
+    pr.add_argument("--steps", type=int, default=10, help="timed decode steps per path")
+    pr.set_defaults(func=_profile, repeats=1)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -173,6 +181,18 @@ def _rpcsec(args: argparse.Namespace) -> int:
         raise UsageError("--calls: must be >= 1")
     rpcsec.run(args.tokens, args.calls, args.repeats, args.seed, out_dir=args.out)
     _show(args.out, "rpcsec")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from cluster.bench import profile
+
+    _setup(args)
+    if args.prompt_len < 1 or args.steps < 1:
+        raise UsageError("--prompt-len, --steps: must be >= 1")
+    profile.run(args.model, args.batches, args.prompt_len, args.steps, seed=args.seed,
+                out_dir=args.out)  # fmt: skip
+    _show(args.out, "profile")
     return 0
 
 

@@ -106,3 +106,18 @@ def test_quant_bench_fidelity_and_speed(tiny, tmp_path):
     assert set(out["seconds"]) == {quant.TORCH, "float32", "bfloat16", "int8", "int4"}
     assert out["layer_expert_bytes"]["int4"] < out["layer_expert_bytes"]["int8"]
     assert "teacher-forced top-1 agreement" in (tmp_path / "quant.md").read_text()
+
+
+def test_profile_bench(tiny, tmp_path):
+    from cluster.bench import profile
+    from workers import expert_kernel
+
+    out = profile.run(tiny, batches=(1, 2), prompt_len=4, steps=2, top=3, out_dir=tmp_path,
+                      log=lambda m: None)  # fmt: skip
+    paths = ("fused", "torch") if expert_kernel.load() else ("torch",)
+    assert tuple(out["results"]) == paths
+    for path in paths:
+        r = out["results"][path][2]
+        assert r["step_ms"] > 0 and r["ops_per_step"] > 10 and len(r["top"]) == 3
+    assert expert_kernel.load()  # switched back
+    assert "torch ops per step" in (tmp_path / "profile.md").read_text()
