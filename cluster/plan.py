@@ -212,11 +212,18 @@ def check_fits(cluster: Any, model_dir: str | Path, available: int | None = None
     p = plan(config, cluster.dtype, cluster.experts.dtype or cluster.dtype,
              context=dense.max_model_len, reserve=0.0)  # fmt: skip
     replicas = dense.autoscaling.max_replicas
-    dense_need = replicas * (p.dense_bytes + dense.max_num_seqs * p.sequence_bytes)
+    available = available_memory() if available is None else available
+    # the replica's hybrid cache: its configured budget (workers/cache_config.py), else room
+    # for max_num_seqs sequences at max_model_len
+    cache = dense.max_num_seqs * p.sequence_bytes
+    if dense.kv_cache_gb is not None:
+        cache = int(dense.kv_cache_gb * GiB)
+    elif dense.kv_cache_fraction is not None:
+        cache = int(dense.kv_cache_fraction * available)
+    dense_need = replicas * (p.dense_bytes + cache)
     experts = p.expert_bytes * (replicas if cluster.experts.shards == 0 else 1)
     total = dense_need + experts
-    available = available_memory() if available is None else available
-    numbers = {"dense_bytes": p.dense_bytes, "expert_bytes": p.expert_bytes,
+    numbers = {"dense_bytes": p.dense_bytes, "expert_bytes": p.expert_bytes, "cache_bytes": cache,
                "sequence_bytes": p.sequence_bytes, "total_bytes": total,
                "available_bytes": available}  # fmt: skip
     if total > available:
@@ -224,8 +231,9 @@ def check_fits(cluster: Any, model_dir: str | Path, available: int | None = None
         raise PlanError(
             f"this deployment needs {human(total)} but {human(available)} is available: "
             f"{replicas} dense replica(s) x ({human(p.dense_bytes)} {cluster.dtype} weights + "
-            f"{dense.max_num_seqs} sequences x {human(p.sequence_bytes)} at "
-            f"{dense.max_model_len} tokens), experts {human(p.expert_bytes)} "
+            f"{human(cache)} cache: {dense.max_num_seqs} sequences x {human(p.sequence_bytes)} "
+            f"at {dense.max_model_len} tokens, or dense.kv_cache_gb / kv_cache_fraction), "
+            f"experts {human(p.expert_bytes)} "
             f"({p.expert_dtype}) {where}. Lower dense.max_num_seqs or dense.max_model_len, "
             f"store experts as int8/int4 (experts.dtype), or add memory / nodes"
         )

@@ -68,6 +68,8 @@ def test_serve_check_refuses_what_cannot_fit(tmp_path):
     assert fine["total_bytes"] < 10**12
     with pytest.raises(PlanError, match=r"needs .* but .* is available.*32 sequences"):
         check_fits(config, model, available=fine["total_bytes"] - 1)
+    budget = ClusterConfig.from_dict({"experts": {"shards": 0}, "dense": {"kv_cache_gb": 1.0}})
+    assert check_fits(budget, model, available=10**12)["cache_bytes"] == 1 << 30
     smaller = ClusterConfig.from_dict({"experts": {"shards": 0, "dtype": "int4"}})
     assert check_fits(smaller, model, available=10**12)["expert_bytes"] < fine["expert_bytes"]
 
