@@ -8,18 +8,22 @@ BIN := $(VENV)/bin
 .PHONY: serve test lint format install clean-venv
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	@echo "expertmesh: creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.base: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e .
-	$(BIN)/python -m workers.expert_kernel  # build the fused expert kernel once (cached)
-	touch $@
+	@echo "expertmesh: installing $(TORCH) and the dependencies into $(VENV) (first time: a few minutes)"
+	@$(BIN)/pip install -q $(TORCH)
+	@$(BIN)/pip install -q -e .
+	@echo "expertmesh: building the fused CPU expert kernel (once, cached)"
+	@$(BIN)/python -m workers.expert_kernel
+	@touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(BIN)/pip install -q -e ".[test]"
-	touch $@
+	@echo "expertmesh: installing the test dependencies into $(VENV)"
+	@$(BIN)/pip install -q -e ".[test]"
+	@touch $@
 
 install: $(VENV)/.base
 

@@ -156,6 +156,13 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 50051
     model_name: str = ""  # served model id; default: the checkpoint directory's name
+    # clients must send `Authorization: Bearer <key>` (HTTP) or the same metadata (gRPC);
+    # "" = the EXPERTMESH_API_KEY environment variable, or no key. Health probes stay open.
+    api_key: str = ""
+    drain_grace_s: float = 5.0  # on SIGTERM: seconds in-flight requests get to finish
+    max_body_mb: float = 8.0  # larger HTTP bodies / gRPC messages are refused (413)
+    # a request whose dense replica died waits this long for a live one to resume on
+    replica_loss_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,9 @@ def _validate(c: ClusterConfig) -> None:
          "dense.autoscaling.target_ongoing_requests", "must be > 0"),
         (0 <= c.server.http_port < 65536, "server.http_port", "must be a port number"),
         (0 <= c.server.grpc_port < 65536, "server.grpc_port", "must be a port number"),
+        (c.server.drain_grace_s >= 0, "server.drain_grace_s", "must be >= 0"),
+        (c.server.max_body_mb > 0, "server.max_body_mb", "must be > 0"),
+        (c.server.replica_loss_timeout_s > 0, "server.replica_loss_timeout_s", "must be > 0"),
     ]  # fmt: skip
     for ok, key, message in rules:
         if not ok:

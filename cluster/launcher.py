@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +70,13 @@ class ExpertPool:
 
     @classmethod
     def start(
-        cls, model_dir: str, config: ClusterConfig, schedule_timeout_s: float = 60.0
+        cls,
+        model_dir: str,
+        config: ClusterConfig,
+        schedule_timeout_s: float = 60.0,
+        on_shard_ready: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> ExpertPool:
+        """`on_shard_ready(index, ready() info)` is called as each shard has loaded (progress)."""
         from workers.expert_shard import ExpertShardActor
 
         e = config.experts
@@ -99,7 +106,7 @@ class ExpertPool:
             for i, spec in enumerate(table.shards)
         ]  # fmt: skip
         try:
-            infos = ray.get([s.ready.remote() for s in shards], timeout=READY_TIMEOUT_S)
+            infos = _wait_ready(shards, on_shard_ready)
         except Exception as exc:
             _kill(shards)
             remove_placement_group(pg)
@@ -121,6 +128,22 @@ class ExpertPool:
                 pass
         _kill([*self.shards, self.controller])
         remove_placement_group(self.pg)
+
+
+def _wait_ready(
+    shards: list[Any], on_ready: Callable[[int, dict[str, Any]], None] | None
+) -> list[dict[str, Any]]:
+    """Every shard's ready() info, in shard order; `on_ready` hears of each as it comes."""
+    refs = [s.ready.remote() for s in shards]
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending, deadline = list(refs), time.monotonic() + READY_TIMEOUT_S
+    while pending:
+        done, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise ray.exceptions.GetTimeoutError(f"shards not ready after {READY_TIMEOUT_S} s")
+        if on_ready is not None:
+            on_ready(index[done[0]], ray.get(done[0]))
+    return ray.get(refs)
 
 
 def _kill(actors: list[Any]) -> None:

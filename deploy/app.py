@@ -19,9 +19,17 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from cluster.config import ClusterConfig
-from deploy.bootstrap import ensure_expert_pool, load_config, resolve_model, served_model_name
+from cluster.config import ClusterConfig, ServerConfig
+from deploy.auth import UNAUTHENTICATED_MESSAGE, bearer_token, key_matches, resolve_api_key
+from deploy.bootstrap import (
+    attach_app_to_pool,
+    ensure_expert_pool,
+    load_config,
+    resolve_model,
+    served_model_name,
+)
 from deploy.frontend import Frontend
+from deploy.health import ReadinessMonitor
 from deploy.metrics import Metrics
 from deploy.openai_api import ChatCompletionRequest, CompletionRequest, error_body, parse_request
 from deploy.openai_format import SSE_DONE, ChatFormat, CompletionFormat, sse
@@ -32,7 +40,13 @@ from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 10.0
-api = FastAPI(title="expertmesh", docs_url=None, redoc_url=None)
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed on a worker thread
+api = FastAPI(
+    title="expertmesh",
+    description="OpenAI-compatible API of an expertmesh cluster (gRPC: expertmesh.v1.Generation)",
+    docs_url="/docs",
+    redoc_url=None,
+)
 
 
 @serve.deployment(name="DenseReplica")
@@ -112,22 +126,58 @@ class GrpcIngress:
     """grpc.aio server (Generation + health + reflection) in front of the dense replicas."""
 
     async def __init__(
-        self, dense: Any, model_dir: str, model_name: str, host: str, port: int
+        self, dense: Any, model_dir: str, model_name: str, server: ServerConfig, shards: int
     ) -> None:
         from deploy.grpc_api import start_server
 
-        self.frontend = Frontend(dense, model_dir, model_name)
-        self.server, self.port = await start_server(self.frontend, host, port)
-        self.address = f"{host}:{self.port}"
+        self.frontend = Frontend(
+            dense, model_dir, model_name, replica_loss_timeout_s=server.replica_loss_timeout_s
+        )
+        self.server, self.port, health = await start_server(
+            self.frontend,
+            server.host,
+            server.grpc_port,
+            api_key=server.api_key,
+            max_message_mb=server.max_body_mb,
+        )
+        self.address = f"{server.host}:{self.port}"
+        self.monitor = ReadinessMonitor(
+            self.frontend.gate, dense.stats.remote, shards, None, on_change=health.update
+        )
+        self.monitor.start()
 
     def get_address(self) -> str:
         return self.address
 
+    async def drain(self, grace_s: float) -> dict[str, int]:
+        return await _drain(self.frontend, self.monitor, grace_s)
+
+    def events(self, since: int = 0) -> list[tuple[int, float, str]]:
+        return self.frontend.events.since(since)
+
     async def __del__(self) -> None:
+        await self.monitor.stop()
         await self.server.stop(grace=1.0)
 
 
-# Registered before @serve.ingress, which freezes (pickles) the FastAPI app.
+async def _drain(frontend: Frontend, monitor: ReadinessMonitor, grace_s: float) -> dict[str, int]:
+    """Readiness NOT_SERVING, refuse new requests, give those in flight `grace_s`, cut the rest."""
+    inflight = frontend.gate.inflight
+    frontend.gate.draining = True
+    await monitor.refresh()
+    left = await frontend.gate.drain(grace_s)
+    cut = frontend.cut_all() if left else 0
+    return {"inflight": inflight, "finished": inflight - left, "cut": cut}
+
+
+# Registered (and defined) before @serve.ingress, which freezes (pickles) the FastAPI app.
+async def _off_loop(size: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run fn on a worker thread when the input is large (keeps the event loop answering)."""
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     err = RequestError("not_found" if exc.status_code == 404 else "invalid", str(exc.detail))
@@ -138,9 +188,38 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    body = error_body(RequestError("internal", f"internal error: {type(exc).__name__}"))
+    rid = Frontend.new_id("err")
+    log.exception("unhandled error on %s (request id %s)", request.url.path, rid)
+    body = error_body(RequestError("internal", f"internal error (request id {rid})"))
     return JSONResponse(body, status_code=500)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies, which the handlers parse themselves (to answer
+    with OpenAI-shaped errors)."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=api.title, version=api.version, routes=api.routes,
+                         description=api.description)  # fmt: skip
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in REQUEST_SCHEMAS.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        content = {"application/json": {"schema": ref}}
+        schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": content}
+    api.openapi_schema = schema
+    return schema
+
+
+REQUEST_SCHEMAS: dict[str, type] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+api.openapi = _openapi
 
 
 @serve.deployment(
@@ -151,27 +230,51 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 )
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, dense: Any, grpc_ingress: Any, model_dir: str, model_name: str) -> None:
-        self.frontend = Frontend(dense, model_dir, model_name)
+    async def __init__(
+        self,
+        dense: Any,
+        grpc_ingress: Any,
+        model_dir: str,
+        model_name: str,
+        server: ServerConfig,
+        shards: int,
+        pool_owned_by_app: bool = False,
+    ) -> None:
+        self.frontend = Frontend(
+            dense, model_dir, model_name, replica_loss_timeout_s=server.replica_loss_timeout_s
+        )
         self.grpc = grpc_ingress
         self.metrics = Metrics()
         self.model_dir = model_dir
         self.created = int(time.time())
+        self.api_key = server.api_key
+        self.max_body = int(server.max_body_mb * 2**20)
+        self.monitor = ReadinessMonitor(
+            self.frontend.gate, dense.stats.remote, shards, self.frontend.events
+        )
+        self.monitor.start()
+        if pool_owned_by_app:  # `serve run`: the expert pool lives as long as this app
+            attached = attach_app_to_pool(serve.get_replica_context().app_name)
+            if attached is not None:
+                await attached
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", summary="OpenAI text completion (streams with stream=true)")
     async def completions(self, request: Request) -> Response:
-        return await self._serve("completions", await request.body(), chat=False)
+        return await self._serve("completions", request, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", summary="OpenAI chat completion (streams with stream=true)")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve("chat_completions", await request.body(), chat=True)
+        return await self._serve("chat_completions", request, chat=True)
 
-    @api.get("/v1/models")
-    async def models(self) -> Response:
+    @api.get("/v1/models", summary="The served model")
+    async def models(self, request: Request) -> Response:
+        if (denied := self._check_key(request, "models")) is not None:
+            return denied
         try:
             info = await self.frontend.info()
-        except Exception as exc:
-            return self._error("models", RequestError("unavailable", f"model not ready: {exc}"))
+        except Exception:
+            log.exception("model_info failed")
+            return self._error("models", RequestError("unavailable", "the model is not ready"))
         card = {
             "id": info.name,
             "object": "model",
@@ -183,32 +286,61 @@ class OpenAIIngress:
         self.metrics.request_done("models", 200)
         return JSONResponse({"object": "list", "data": [card]})
 
-    @api.get("/health")
+    @api.get("/health", summary="Liveness: 200 while this process answers")
     async def health(self) -> Response:
-        async def probe() -> dict[str, Any]:
-            return {
-                "stats": await self.frontend.dense.stats.remote(),
-                "grpc": await self.grpc.get_address.remote(),
-            }
+        return await self.live()
 
-        try:
-            result = await asyncio.wait_for(probe(), HEALTH_TIMEOUT_S)
-        except Exception as exc:
-            return self._error("health", RequestError("unavailable", f"not healthy: {exc!r}"))
-        return JSONResponse({"status": "ok", "grpc": result["grpc"]})
+    @api.get("/health/live", summary="Liveness: 200 while this process answers")
+    async def live(self) -> Response:
+        ready = self.monitor.current
+        body = {"status": "ok", "ready": ready.ready, "grpc": await self._grpc_address()}
+        return JSONResponse(body)
 
-    @api.get("/metrics")
+    @api.get("/health/ready", summary="Readiness: 200 when serving, 503 with the reason if not")
+    async def ready(self) -> Response:
+        ready = await self.monitor.get()
+        return JSONResponse(ready.to_dict(), status_code=200 if ready.ready else 503)
+
+    @api.get("/metrics", summary="Prometheus metrics")
     async def metrics(self) -> Response:
         stats = await self.frontend.replica_stats(self.metrics.known_replicas + 1)
         self.metrics.update_engine(stats)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    async def drain(self, grace_s: float) -> dict[str, int]:
+        return await _drain(self.frontend, self.monitor, grace_s)
+
+    def events(self, since: int = 0) -> list[tuple[int, float, str]]:
+        return self.frontend.events.since(since)
+
+    async def readiness(self) -> dict[str, Any]:
+        return (await self.monitor.get()).to_dict()
+
+    async def __del__(self) -> None:
+        await self.monitor.stop()
+
+    async def _grpc_address(self) -> str | None:
+        try:
+            return await asyncio.wait_for(self.grpc.get_address.remote(), HEALTH_TIMEOUT_S)
+        except Exception:
+            return None
+
     # ------------------------------------------------------------------ generation
-    async def _serve(self, endpoint: str, raw: bytes, chat: bool) -> Response:
+    async def _serve(self, endpoint: str, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
+        if (denied := self._check_key(request, endpoint)) is not None:
+            return denied
+        raw = await self._read_body(request)
+        if raw is None:
+            limit = self.max_body / 2**20
+            return self._plain_error(
+                endpoint, 413, f"request body is larger than {limit:g} MiB", "request_too_large"
+            )
         stream = None
         try:
-            req = parse_request(raw, ChatCompletionRequest if chat else CompletionRequest)
+            self.frontend.gate.check()  # refuses while draining
+            schema = ChatCompletionRequest if chat else CompletionRequest
+            req = await _off_loop(len(raw), parse_request, raw, schema)
             self.frontend.check_model(req.model)
             ids, params = await self._inputs(req)
             fmt_cls, prefix = (ChatFormat, "chatcmpl") if chat else (CompletionFormat, "cmpl")
@@ -223,14 +355,19 @@ class OpenAIIngress:
             return self._error(endpoint, exc)
         self.metrics.first_token(endpoint, start)
         done = self._done_callback(endpoint, start)
+        headers = {"X-Request-Id": fmt.rid}
         if req.stream:
             events = self._events(stream, first, fmt, req.include_usage, done)
-            return StreamingResponse(events, media_type="text/event-stream")
-        return await self._collect(endpoint, stream, first, fmt, done)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        response = await self._collect(endpoint, stream, first, fmt, done)
+        response.headers.update(headers)
+        return response
 
     async def _inputs(self, req: Any) -> tuple[list[int], SamplingParams]:
         info = await self.frontend.info()
-        ids = prompt_ids(self.frontend.tokenizer, **req.prompt_kwargs())
+        kwargs = req.prompt_kwargs()
+        self.frontend.precheck_prompt(info.max_model_len, **kwargs)
+        ids = await asyncio.to_thread(prompt_ids, self.frontend.tokenizer, **kwargs)
         name, limit = req.output_limit()
         if limit is not None and limit <= 0:
             raise InvalidParam(name, f"{name} must be > 0, got {limit}")
@@ -242,7 +379,29 @@ class OpenAIIngress:
             logprobs=req.wants_logprobs,
             **req.sampling_fields(),
         )
+        self.frontend.check_params(params, info)
         return ids, params
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or None when it is larger than server.max_body_mb (checked on the
+        declared length first, then while reading)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_key(self, request: Request, endpoint: str) -> Response | None:
+        if key_matches(bearer_token(request.headers.get("authorization")), self.api_key):
+            return None
+        response = self._plain_error(endpoint, 401, UNAUTHENTICATED_MESSAGE, "invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     async def _collect(self, endpoint, stream, first, fmt, done) -> Response:
         merged = first
@@ -287,11 +446,21 @@ class OpenAIIngress:
         self.metrics.request_done(endpoint, exc.http_status)
         return JSONResponse(error_body(exc), status_code=exc.http_status)
 
+    def _plain_error(self, endpoint: str, status: int, message: str, code: str) -> JSONResponse:
+        self.metrics.request_done(endpoint, status)
+        body = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        return JSONResponse({"error": body}, status_code=status)
+
 
 # ----------------------------------------------------------------------------- building
-def build_app(config: ClusterConfig, model_dir: str) -> Application:
-    """The application graph for a resolved config (the expert pool must already run)."""
+def build_app(
+    config: ClusterConfig, model_dir: str, pool_owned_by_app: bool = False
+) -> Application:
+    """The application graph for a resolved config (the expert pool must already run).
+    `pool_owned_by_app`: the pool was started for this app (`serve run`) and is shut down
+    when the app is deleted."""
     d, s = config.dense, config.server
+    s = dataclasses.replace(s, api_key=resolve_api_key(s.api_key))  # env var read here
     name = served_model_name(config, model_dir)
     actor = {"num_cpus": d.num_cpus} | ({"num_gpus": d.num_gpus} if d.num_gpus else {})
     a = d.autoscaling
@@ -309,14 +478,17 @@ def build_app(config: ClusterConfig, model_dir: str) -> Application:
         autoscaling_config=autoscaling,
         max_ongoing_requests=d.max_num_seqs + d.max_queue + 16,  # engine queues; +16 for stats
         **(routing if d.prefix_routing else {}),
+        graceful_shutdown_timeout_s=s.drain_grace_s + 5,
     ).bind(model_dir, config, name)
-    grpc_ingress = GrpcIngress.bind(dense, model_dir, name, s.host, s.grpc_port)
-    return OpenAIIngress.bind(dense, grpc_ingress, model_dir, name)
+    shards = config.experts.shards
+    grpc_ingress = GrpcIngress.bind(dense, model_dir, name, s, shards)
+    return OpenAIIngress.bind(dense, grpc_ingress, model_dir, name, s, shards, pool_owned_by_app)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point of `serve run deploy/serve.yaml` (import_path deploy.app:app_builder)."""
     config = resolve_model(load_config(args))
+    owned = False
     if config.experts.shards > 0:
-        ensure_expert_pool(config.model, config)
-    return build_app(config, config.model)
+        owned = ensure_expert_pool(config.model, config)
+    return build_app(config, config.model, pool_owned_by_app=owned)

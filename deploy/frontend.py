@@ -1,11 +1,23 @@
 """What the HTTP and gRPC front ends share: the served model's identity and tokenizer (one per
-process), and streaming a request through the DenseReplica deployment handle with errors
-turned back into RequestError and cancellation propagated (so the engine frees the slot)."""
+process), admission (the drain gate), cheap checks before tokenizing, and streaming a request
+through the DenseReplica deployment handle.
+
+A dense replica that dies mid-stream loses its caches, not the request: the front end knows
+the prompt and the tokens (and text) already sent, so it resubmits them as a `ResumeState`
+to a live replica (or, with one replica, to Serve's replacement), which re-prefills and
+continues. Every request carries a seed (the front end draws one when the client sent none),
+and sampling is a function of (seed, position), so the continuation is what the lost replica
+would have produced. Client-facing errors carry a plain reason and the request id; internal
+details (actor ids, addresses) go to the log only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -16,24 +28,43 @@ from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
     ReplicaUnavailableError,
+    RequestCancelledError,
 )
 
+from deploy.health import EventLog, Gate
 from deploy.params import InvalidParam, ModelInfo, StreamError
 from workers.dense_worker import load_tokenizer
-from workers.requests import RequestError, RequestOutput
+from workers.requests import RequestError, RequestOutput, ResumeState
 from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
-_UNAVAILABLE = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
+_REPLICA_LOST = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
+_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
+SEED_BITS = 63
 
 
 class Frontend:
-    def __init__(self, dense: serve.handle.DeploymentHandle, model_dir: str, model_name: str):
+    def __init__(
+        self,
+        dense: serve.handle.DeploymentHandle,
+        model_dir: str,
+        model_name: str,
+        *,
+        replica_loss_timeout_s: float = 60.0,
+        events: EventLog | None = None,
+    ) -> None:
         self.dense = dense
         self.model_name = model_name
         self.tokenizer = load_tokenizer(model_dir)
+        self.replica_loss_timeout_s = replica_loss_timeout_s
+        self.gate = Gate()
+        self.events = events or EventLog()
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()
+        self._max_token_bytes: int | None = None
+        self._responses: set[Any] = set()
+        self._cut = False
+        self._lost: dict[str, float] = {}  # request id -> when its replica was lost
 
     async def info(self) -> ModelInfo:
         """The replicas' model_info(), fetched once."""
@@ -54,33 +85,177 @@ class Frontend:
     def new_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
 
+    # ------------------------------------------------------------------ cheap checks
+    def precheck_prompt(
+        self,
+        max_model_len: int,
+        *,
+        text: str | None = None,
+        token_ids: Sequence[Any] | None = None,
+        messages: Sequence[dict[str, Any]] | None = None,
+        param: str = "prompt",
+    ) -> None:
+        """Reject a prompt that cannot fit the model before tokenizing it: a token covers at
+        most `max_token_bytes` bytes of text, so more than 2x that many bytes per position of
+        the model length cannot fit whatever the tokenizer does (the 2x covers normalisation)."""
+        if token_ids is not None:
+            if len(token_ids) > max_model_len:
+                raise RequestError(
+                    "too_long",
+                    f"{param} ({len(token_ids)} tokens) exceeds the model length of "
+                    f"{max_model_len} tokens",
+                )
+            return
+        if messages is not None:
+            size = sum(_text_bytes(m.get("content")) for m in messages)
+        else:
+            size = _text_bytes(text)
+        limit = 2 * self.max_token_bytes * max_model_len
+        if size > limit:
+            raise RequestError(
+                "too_long",
+                f"{param}: {size} bytes of text cannot fit the model length of "
+                f"{max_model_len} tokens",
+            )
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The longest token of the vocabulary in UTF-8 bytes (an upper bound for byte-level
+        BPE, whose token strings map one character to one byte)."""
+        if self._max_token_bytes is None:
+            vocab = self.tokenizer.vocab() if self.tokenizer is not None else {}
+            self._max_token_bytes = max((len(t.encode()) for t in vocab), default=1) or 1
+        return self._max_token_bytes
+
+    def check_params(self, params: SamplingParams, info: ModelInfo) -> None:
+        bad = [t for t in params.stop_token_ids if not 0 <= t < info.vocab_size]
+        if bad:
+            raise InvalidParam(
+                "stop_token_ids",
+                f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {info.vocab_size})",
+            )
+
+    # -------------------------------------------------------------------- streaming
     async def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
         """RequestOutput deltas of one request; raises RequestError (before or mid-stream).
-        Closing or cancelling this iterator cancels the replica call, which aborts the request."""
-        call = self.dense.options(stream=True).generate
-        response = call.remote(list(prompt_ids), params, request_id)
+        Closing or cancelling this iterator cancels the replica call, which aborts the request.
+        A lost dense replica is replaced transparently (see the module docstring)."""
+        self.gate.enter()
         try:
-            async for item in response:
-                if isinstance(item, StreamError):
-                    raise item.to_exception()
-                if item.error:
-                    raise RequestError("internal", f"generation failed: {item.error}")
-                yield item
-                if item.finished:
-                    return
-        except RequestError:
-            raise
-        except BackPressureError as exc:
-            raise RequestError("queue_full", f"server is overloaded: {exc}") from exc
-        except _UNAVAILABLE as exc:
-            raise RequestError("unavailable", f"model replica unavailable: {exc}") from exc
-        except Exception as exc:
-            log.exception("request %s failed", request_id)
-            raise RequestError("internal", f"internal error: {type(exc).__name__}") from exc
+            if params.seed is None:  # so that a resumed request draws what this one would
+                params = dataclasses.replace(params, seed=random.getrandbits(SEED_BITS))
+            async for out in self._stream(list(prompt_ids), params, request_id):
+                yield out
         finally:
+            self.gate.leave()
+
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, rid: str
+    ) -> AsyncIterator[RequestOutput]:
+        call = self.dense.options(stream=True).generate
+        ids: list[int] = []
+        logprobs: list[float] = []
+        chars = 0
+        attempt, lost_at = 0, None
+        while True:
+            resume = None
+            if ids:
+                lps = tuple(logprobs) if len(logprobs) == len(ids) else ()
+                resume = ResumeState(tuple(ids), lps, chars)
+            response = call.remote(prompt_ids, params, rid, resume)
+            self._responses.add(response)
+            try:
+                async for item in response:
+                    if isinstance(item, StreamError):
+                        raise self._public_error(rid, item.kind, item.message)
+                    if item.error:
+                        raise self._public_error(rid, "internal", f"engine: {item.error}")
+                    if lost_at is not None:
+                        self._resumed(rid, lost_at, len(ids))
+                        lost_at = None
+                    ids += item.token_ids
+                    logprobs += item.logprobs
+                    chars += len(item.text)
+                    yield item
+                    if item.finished:
+                        return
+                problem: Exception = RuntimeError("the replica's stream ended early")
+            except RequestError:
+                raise
+            except RequestCancelledError as exc:
+                if self._cut:
+                    raise RequestError(
+                        "unavailable",
+                        f"the server shut down before the request finished (request id {rid})",
+                    ) from exc
+                raise
+            except BackPressureError as exc:
+                if lost_at is None and not ids:
+                    raise RequestError("queue_full", "the server is overloaded") from exc
+                problem = exc  # resuming: wait for room like for a replica
+            except _REPLICA_LOST as exc:
+                problem = exc
+            except Exception as exc:
+                log.exception("request %s failed", rid)
+                raise self._public_error(rid, "internal", repr(exc)) from exc
+            finally:
+                self._responses.discard(response)
+                response.cancel()
+            if self._cut:
+                raise RequestError(
+                    "unavailable",
+                    f"the server shut down before the request finished (request id {rid})",
+                )
+            now = time.monotonic()
+            if lost_at is None:
+                lost_at = now
+                self._lost_replica(rid, len(ids), problem)
+            elif now - lost_at > self.replica_loss_timeout_s:
+                self._lost.pop(rid, None)
+                log.error("request %s: no replica for %.0f s: %r", rid, now - lost_at, problem)
+                raise RequestError(
+                    "unavailable",
+                    f"no model replica could continue the request within "
+                    f"{self.replica_loss_timeout_s:.0f} s (request id {rid})",
+                )
+            await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+            attempt += 1
+
+    def _lost_replica(self, rid: str, sent: int, exc: Exception) -> None:
+        log.warning("request %s: dense replica lost after %d tokens (%r); resuming", rid, sent, exc)
+        if not self._lost:
+            self.events.add("a dense replica was lost: resuming its requests on a live replica")
+        self._lost[rid] = time.monotonic()
+
+    def _resumed(self, rid: str, lost_at: float, sent: int) -> None:
+        log.warning(
+            "request %s: resumed after %.1f s (%d tokens replayed)",
+            rid,
+            time.monotonic() - lost_at,
+            sent,
+        )
+        self._lost.pop(rid, None)
+        if not self._lost:
+            self.events.add("every request of the lost dense replica continues")
+
+    def _public_error(self, rid: str, kind: str, message: str) -> RequestError:
+        """Errors about the request keep their message; server-side ones are logged in full
+        and reach the client as a plain reason plus the request id."""
+        if kind in ("internal", "unavailable"):
+            log.error("request %s: %s: %s", rid, kind, message)
+            plain = "internal error" if kind == "internal" else "the model is unavailable"
+            return RequestError(kind, f"{plain} (request id {rid})")
+        return RequestError(kind, message)
+
+    def cut_all(self) -> int:
+        """End every stream still running (after the drain grace); returns how many."""
+        self._cut = True
+        responses = list(self._responses)
+        for response in responses:
             response.cancel()
+        return len(responses)
 
     async def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str
@@ -99,3 +274,13 @@ class Frontend:
         )
         by_replica = {r["replica"]: r for r in results if isinstance(r, dict)}
         return list(by_replica.values())
+
+
+def _text_bytes(content: Any) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content.encode("utf-8", "surrogatepass"))
+    if isinstance(content, list):  # content parts
+        return sum(_text_bytes(p.get("text") if isinstance(p, dict) else p) for p in content)
+    return len(str(content))

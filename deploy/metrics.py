@@ -1,13 +1,17 @@
 """Prometheus metrics of the HTTP front end: requests by endpoint/status, token counters,
-time-to-first-token and end-to-end latency histograms, and engine gauges per dense replica
-(refreshed from the replicas' `stats()` at scrape time)."""
+time-to-first-token and end-to-end latency histograms, and each dense replica's engine state
+(refreshed from the replicas' `stats()` at scrape time): gauges for what goes up and down,
+counters for the lifetime totals (they restart from 0 with a replica, which `rate()` handles)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ENGINE_GAUGES = {
@@ -15,6 +19,8 @@ ENGINE_GAUGES = {
     "waiting": "requests waiting for a cache slot",
     "free_slots": "free cache slots",
     "max_num_seqs": "cache slots in total",
+}
+ENGINE_COUNTERS = {
     "steps": "engine steps run",
     "prompt_tokens": "prompt tokens prefilled",
     "generated_tokens": "tokens generated",
@@ -30,6 +36,36 @@ ENGINE_GAUGES = {
     "prefix_cache_snapshots": "DeltaNet state snapshots held by the prefix cache",
 }
 STALE_AFTER_S = 60.0  # forget a replica not seen for this long (scaled down or restarted)
+
+
+class EngineCollector(Collector):
+    """Per-replica engine metrics from the last `stats()` of each replica."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, float] = {}
+
+    def update(self, stats: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for s in stats:
+            replica = str(s.get("replica", ""))
+            self.stats[replica], self.seen[replica] = s, now
+        for replica, seen in list(self.seen.items()):
+            if now - seen > STALE_AFTER_S:
+                del self.seen[replica], self.stats[replica]
+
+    def collect(self) -> Iterator[Metric]:
+        families: list[tuple[type, dict[str, str]]] = [
+            (GaugeMetricFamily, ENGINE_GAUGES),
+            (CounterMetricFamily, ENGINE_COUNTERS),
+        ]
+        for family_cls, docs in families:
+            for name, doc in docs.items():
+                family = family_cls(f"expertmesh_engine_{name}", doc, labels=["replica"])
+                for replica, s in sorted(self.stats.items()):
+                    if name in s:
+                        family.add_metric([replica], float(s[name]))
+                yield family
 
 
 class Metrics:
@@ -58,11 +94,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.engine = {
-            name: Gauge(f"expertmesh_engine_{name}", doc, ["replica"], registry=r)
-            for name, doc in ENGINE_GAUGES.items()
-        }
-        self._seen: dict[str, float] = {}
+        self.engine = EngineCollector()
+        r.register(self.engine)
 
     def request_done(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -76,22 +109,11 @@ class Metrics:
         self.generation_tokens.inc(completion)
 
     def update_engine(self, stats: list[dict[str, Any]]) -> None:
-        now = time.monotonic()
-        for s in stats:
-            replica = str(s.get("replica", ""))
-            self._seen[replica] = now
-            for name, gauge in self.engine.items():
-                if name in s:
-                    gauge.labels(replica).set(float(s[name]))
-        for replica, seen in list(self._seen.items()):
-            if now - seen > STALE_AFTER_S:
-                del self._seen[replica]
-                for gauge in self.engine.values():
-                    gauge.remove(replica)
+        self.engine.update(stats)
 
     @property
     def known_replicas(self) -> int:
-        return len(self._seen)
+        return len(self.engine.seen)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -123,10 +123,18 @@ class ContentPart(_Strict):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)  # tool_calls, refusal, ...: ignored
+    model_config = ConfigDict(extra="ignore", strict=True)  # refusal, ...: ignored
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def check_content(self, param: str) -> None:
+        """Only an assistant message that calls tools may come without content."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise InvalidParam(
+                f"{param}.content", f"{param}.content: a {self.role!r} message needs content"
+            )
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -161,6 +169,8 @@ class ChatCompletionRequest(_Common):
             raise InvalidParam("response_format", "response_format: only type 'text'")
         if self.tools or self.tool_choice not in (None, "none"):
             raise InvalidParam("tools", "tools: tool calling is not supported")
+        for i, message in enumerate(self.messages):
+            message.check_content(f"messages.{i}")
 
     def output_limit(self) -> tuple[str, int | None]:
         if self.max_completion_tokens is not None:

@@ -7,15 +7,24 @@ expertmesh serve --model DIR --config deploy/configs/local-experts.yaml --http-p
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
+import socket
+import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cluster.cli import UsageError
 from cluster.config import ClusterConfig, ClusterConfigError
+from deploy.auth import resolve_api_key
+from deploy.console import Console, quiet_ray
 
 APP_NAME = "expertmesh"
+WATCH_INTERVAL_S = 1.0
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
@@ -76,68 +85,264 @@ def _serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
     if config.model and not Path(config.model, "config.json").is_file():
         raise UsageError(f"--model: no config.json in {config.model}")
-    config = resolve_model(config)
+    if config.ray_address is None:  # one machine: fail fast on a taken port, naming it
+        check_ports_free(config)
+    config = resolve_model(config, progress=True)
     if config.ray_address is None:  # one machine: refuse what cannot fit (cluster/plan.py)
         from cluster.plan import check_fits
 
         check_fits(config, config.model)
-    run(config)
-    return 0
+    run(config, verbose=args.verbose)
+    # Everything is stopped and printed; the interpreter's native teardown (Ray's core worker,
+    # gRPC) would take seconds more, so leave now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def run(config: ClusterConfig, stop: threading.Event | None = None) -> None:
-    """Start (or join) Ray, the expert pool and the Serve app; block until `stop` is set (by
-    SIGINT/SIGTERM when None); then tear everything down."""
+def check_ports_free(config: ClusterConfig) -> None:
+    """UsageError naming the key and address when the HTTP or gRPC port is taken."""
+    s = config.server
+    for key, port in (("server.http_port", s.http_port), ("server.grpc_port", s.grpc_port)):
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((s.host, port))
+            except OSError as exc:
+                raise UsageError(
+                    f"{key}: {s.host}:{port} is not available ({exc.strerror}); "
+                    f"stop what uses it or pick another port"
+                ) from None
+
+
+def run(
+    config: ClusterConfig,
+    stop: threading.Event | None = None,
+    verbose: bool = False,
+    console: Console | None = None,
+) -> None:
+    """Start (or join) Ray, the expert pool and the Serve app, printing progress; block until
+    `stop` is set (by SIGINT/SIGTERM when None), reporting faults and recoveries; then drain
+    (server.drain_grace_s) and tear everything down."""
     import ray
     from ray import serve
 
     from cluster.launcher import ExpertPool, init_ray
     from deploy.app import build_app
-    from deploy.bootstrap import pool_running, served_model_name
+    from deploy.bootstrap import pool_running
 
+    con = console or Console()
+    quiet_ray(verbose)
     d, e, s = config.dense, config.experts, config.server
-    init_ray(
-        config.ray_address, e.shards * e.num_cpus + d.num_cpus * d.autoscaling.max_replicas + 1
-    )
-    stop = stop or _signal_event()  # after ray.init, which installs its own SIGTERM handler
-    pool = None
+    start_pool = e.shards > 0
+    total = 3 + start_pool
+    cpus = e.shards * e.num_cpus + d.num_cpus * d.autoscaling.max_replicas + 1
+    where = f"joining {config.ray_address}" if config.ray_address else "local"
+    with con.step(1, total, f"starting Ray ({where})"):
+        init_ray(config.ray_address, cpus)
+    signals = _Signals()
+    stop = stop or signals.install()  # after ray.init, which installs its own SIGTERM handler
+    pool, deployed = None, False
     try:
-        if e.shards > 0 and not pool_running():
-            pool = ExpertPool.start(config.model, config)
-        serve.start(http_options={"host": s.host, "port": s.http_port})
-        serve.run(build_app(config, config.model), name=APP_NAME, blocking=False)
-        _print_endpoints(config, served_model_name(config, config.model))
-        while not stop.wait(1.0):
-            pass
+        if start_pool and not pool_running():
+            with con.step(2, total, _pool_message(config)):
+                pool = ExpertPool.start(config.model, config, on_shard_ready=_shard_printer(con))
+        elif start_pool:
+            con.line(f"[2/{total}] expert pool already running: reusing it")
+        with con.step(total - 1, total, f"starting Ray Serve (HTTP on {s.host}:{s.http_port})"):
+            serve.start(http_options={"host": s.host, "port": s.http_port})
+        replicas = d.autoscaling.min_replicas
+        what = f"deploying {replicas} dense replica(s) and the HTTP and gRPC front ends"
+        with con.step(total, total, what, status=_deployment_status):
+            deployed = True
+            serve.run(build_app(config, config.model), name=APP_NAME, blocking=False)
+        print_banner(con, config)
+        _watch(con, stop)
     finally:
-        _teardown(serve, ray, pool, joined=bool(config.ray_address))
+        _teardown(con, serve, ray, pool, config, deployed, signals)
 
 
-def _print_endpoints(config: ClusterConfig, model_name: str) -> None:
-    s = config.server
-    print(f"expertmesh: serving model {model_name!r} ({config.model})")
-    print(f"  OpenAI API: http://{s.host}:{s.http_port}/v1")
-    print(f"  gRPC:       {s.host}:{s.grpc_port} (expertmesh.v1.Generation)")
+def _pool_message(config: ClusterConfig) -> str:
+    from workers.config import ModelConfig
+
     n = config.experts.shards
-    experts = f"{n} expert-shard actors" if n else "local to every dense replica"
-    print(f"  experts:    {experts}; Ctrl-C to stop", flush=True)
-
-
-def _signal_event() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
-def _teardown(serve: Any, ray: Any, pool: Any, joined: bool) -> None:
-    print("expertmesh: shutting down", flush=True)
     try:
-        if joined:  # leave the other apps of a shared cluster alone
+        m = ModelConfig.from_hf(config.model)
+        size = _expert_bytes(m) / 2**20
+        return f"starting {n} expert shards ({size:.0f} MiB of expert weights to load)"
+    except Exception:
+        return f"starting {n} expert shards"
+
+
+def _expert_bytes(m: Any) -> int:
+    from workers.config import COMPUTE_DTYPES
+
+    itemsize = COMPUTE_DTYPES.get(m.torch_dtype, COMPUTE_DTYPES["float32"]).itemsize
+    per_expert = 3 * m.moe_intermediate_size * m.hidden_size * itemsize
+    return m.num_hidden_layers * m.num_experts * per_expert
+
+
+def _shard_printer(con: Console) -> Callable[[int, dict[str, Any]], None]:
+    start = time.monotonic()
+
+    def report(index: int, info: dict[str, Any]) -> None:
+        experts = info.get("experts", ())
+        count = sum(len(v) for v in experts.values()) if isinstance(experts, dict) else len(experts)
+        name = info.get("shard_id", f"shard-{index}")
+        con.detail(f"{name} loaded ({count} experts) at {time.monotonic() - start:.1f} s")
+
+    return report
+
+
+def _deployment_status() -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return "waiting for the Serve controller"
+    parts = []
+    for name, dep in app.deployments.items():
+        states = {str(k).split(".")[-1]: v for k, v in dep.replica_states.items()}
+        total = sum(states.values())
+        parts.append(f"{name} {states.get('RUNNING', 0)}/{total} running")
+    return ", ".join(parts) or str(app.status)
+
+
+def print_banner(con: Console, config: ClusterConfig) -> None:
+    from deploy.bootstrap import is_demo_model, served_model_name
+
+    s, e, d = config.server, config.experts, config.dense
+    name = served_model_name(config, config.model)
+    base = f"http://{s.host}:{s.http_port}"
+    con.line(f"ready in {con.elapsed():.1f} s")
+    con.detail(f"model:      {name} ({config.model})")
+    if is_demo_model(config.model):
+        con.detail("            the demo model has RANDOM weights: its output is random text")
+        con.detail("            (replacement characters and control bytes included); pass")
+        con.detail("            --model DIR to serve a real Qwen3-Next checkpoint")
+    con.detail(f"OpenAI API: {base}/v1   (docs: {base}/docs)")
+    con.detail(f"gRPC:       {s.host}:{s.grpc_port} (expertmesh.v1.Generation)")
+    con.detail(f"health:     {base}/health/ready   metrics: {base}/metrics")
+    experts = f"{e.shards} expert shards" if e.shards else "experts local to each replica"
+    replicas = d.autoscaling.min_replicas
+    con.detail(f"cluster:    {experts}; {replicas} dense replica(s)")
+    if resolve_api_key(s.api_key):
+        con.detail("API key:    required (Authorization: Bearer <key>)")
+    example = json.dumps({"model": name, "prompt": "def fib(n):", "max_tokens": 16})
+    con.detail(f"try:        curl {base}/v1/completions -H 'Content-Type: application/json' \\")
+    con.detail(f"              -d '{example}'")
+    con.detail(
+        f"stop:       Ctrl-C or SIGTERM (in-flight requests get {s.drain_grace_s:g} s to finish)"
+    )
+
+
+def _ingresses() -> list[Any]:
+    from ray import serve
+
+    return [serve.get_deployment_handle(n, APP_NAME) for n in ("OpenAIIngress", "GrpcIngress")]
+
+
+def _watch(con: Console, stop: threading.Event) -> None:
+    """Until stop: print the faults and recoveries the front ends saw (replica logs do not
+    reach this console)."""
+    handles = _ingresses()
+    seen = [_last_event(h) for h in handles]
+    while not stop.wait(WATCH_INTERVAL_S):
+        for i, handle in enumerate(handles):
+            try:
+                events = handle.events.remote(seen[i]).result(timeout_s=WATCH_INTERVAL_S * 5)
+            except Exception:  # a busy or restarting ingress: try again next time
+                continue
+            for seq, _, message in events:
+                seen[i] = max(seen[i], seq)
+                con.line(message)
+
+
+def _last_event(handle: Any) -> int:
+    try:
+        events = handle.events.remote(0).result(timeout_s=30)
+    except Exception:
+        return 0
+    return max((seq for seq, _, _ in events), default=0)
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: stop (drain, then tear down); a second one: skip the drain."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.force = threading.Event()
+
+    def install(self) -> threading.Event:
+        def handler(*_: Any) -> None:
+            (self.force if self.stop.is_set() else self.stop).set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+        return self.stop
+
+
+def _drain(con: Console, grace_s: float, force: threading.Event) -> dict[str, int]:
+    """Ask both front ends to drain; wait for them (or a second Ctrl-C)."""
+    try:
+        calls = [h.drain.remote(grace_s) for h in _ingresses()]
+    except Exception:
+        return {}
+    summary = {"inflight": 0, "finished": 0, "cut": 0}
+    start = time.monotonic()
+    deadline, told = start + grace_s + 10.0, False
+    for call in calls:
+        while not force.is_set() and time.monotonic() < deadline:
+            try:
+                result = call.result(timeout_s=0.25)
+            except TimeoutError:
+                if not told and time.monotonic() - start > 0.5:
+                    con.line(
+                        f"stopping: in-flight requests get up to {grace_s:g} s to finish "
+                        f"(Ctrl-C again to stop now)"
+                    )
+                    told = True
+                continue
+            except Exception:
+                break
+            for k in summary:
+                summary[k] += int(result.get(k, 0))
+            break
+    return summary
+
+
+def _teardown(
+    con: Console,
+    serve: Any,
+    ray: Any,
+    pool: Any,
+    config: ClusterConfig,
+    deployed: bool,
+    signals: _Signals,
+) -> None:
+    """Drain the front ends, stop the app (only ours on a shared cluster), the pool we
+    started, and Ray (a local Ray takes every process of this cluster with it)."""
+    start = time.monotonic()
+    joined = bool(config.ray_address)
+    summary: dict[str, int] = {}
+    try:
+        if deployed:
+            summary = _drain(con, config.server.drain_grace_s, signals.force)
+        if joined and deployed:
             serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
+    except Exception as exc:
+        con.line(f"stopping the app failed: {exc!r}")
     finally:
         if pool is not None:
             pool.shutdown()
         ray.shutdown()
+    words = [f"stopped in {time.monotonic() - start:.1f} s"]
+    if summary.get("inflight"):
+        words.append(
+            f"({summary['finished']} in-flight request(s) finished, {summary['cut']} cut off "
+            f"after the {config.server.drain_grace_s:g} s grace)"
+        )
+    con.line(" ".join(words))

@@ -16,13 +16,16 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from workers.config import COMPUTE_DTYPES, FULL, LINEAR, ModelConfig
 from workers.tokenizer_data import CORPUS
@@ -168,11 +171,13 @@ def random_weights(
     seed: int = 0,
     expert_layout: str = "per-expert",
     skew: tuple[int, float] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, in the config's storage dtype, in HF key order.
 
     `skew` = (hot, factor): in every layer, `hot` experts (their own per layer; see
-    `hot_experts`) get their router gate rows scaled by `factor` (> 1: chosen more often)."""
+    `hot_experts`) get their router gate rows scaled by `factor` (> 1: chosen more often).
+    `progress(nbytes)` is called as each part (dense weights, each layer's experts) is drawn."""
     from workers.checkpoint import expected_dense_shapes
 
     if expert_layout not in ("per-expert", "fused"):
@@ -183,8 +188,11 @@ def random_weights(
     if skew is not None:
         _apply_skew(samples, config, seed, *skew)
     out = {k: t.to(dtype) for k, t in samples.items()}
+    _report(progress, out.values())
     for layer in range(config.num_hidden_layers):
-        out.update(_expert_tensors(config, layer, seed, expert_layout, dtype))
+        experts = _expert_tensors(config, layer, seed, expert_layout, dtype)
+        _report(progress, experts.values())
+        out.update(experts)
     return out
 
 
@@ -206,6 +214,22 @@ def _apply_skew(
     for layer in range(config.num_hidden_layers):
         rows = hot_experts(config, layer, seed, hot)
         samples[f"model.layers.{layer}.mlp.gate.weight"][rows] *= factor
+
+
+def checkpoint_bytes(config: ModelConfig) -> int:
+    """Bytes of the weights `random_weights` draws for `config` (for progress and messages)."""
+    from workers.checkpoint import expected_dense_shapes
+
+    size = _DTYPES[config.torch_dtype].itemsize
+    dense = sum(math.prod(s) for s in expected_dense_shapes(config).values())
+    c = config
+    experts = c.num_hidden_layers * c.num_experts * 3 * c.moe_intermediate_size * c.hidden_size
+    return (dense + experts) * size
+
+
+def _report(progress: Callable[[int], None] | None, tensors: Iterable[torch.Tensor]) -> None:
+    if progress is not None:
+        progress(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def _expert_tensors(
@@ -269,11 +293,13 @@ def make_checkpoint(
     shard_size_mb: float | None = None,
     moe_intermediate_size: int | None = None,
     skew: tuple[int, float] | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write a random-weight HF Qwen3-Next checkpoint (+ tokenizer) to `out_dir`; return it.
 
     `dtype` ("float32" | "bfloat16") overrides the preset's storage dtype; `skew` = (hot,
     factor) makes `hot` experts per layer hot (see `random_weights`).
+    `progress` shows a bar (bytes drawn, rate, ETA) on stderr.
     """
     out = Path(out_dir)
     tok = build_tokenizer()
@@ -282,7 +308,14 @@ def make_checkpoint(
         if moe_intermediate_size < 1:
             raise ValueError(f"moe_intermediate_size: must be >= 1, got {moe_intermediate_size}")
         config = dataclasses.replace(config, moe_intermediate_size=moe_intermediate_size)
-    tensors = random_weights(config, seed, expert_layout, skew)
+    total = checkpoint_bytes(config)
+    with tqdm(
+        total=total, desc="  drawing weights", unit="B", unit_scale=True, unit_divisor=1024,
+        file=sys.stderr, disable=not progress, leave=False,
+    ) as bar:  # fmt: skip
+        tensors = random_weights(config, seed, expert_layout, skew, progress=bar.update)
+    if progress:
+        print(f"  writing {total / 2**20:.0f} MiB of safetensors", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", hf_config(config))
     gen = {"eos_token_id": config.eos_token_ids[0], "pad_token_id": config.pad_token_id}
@@ -299,15 +332,16 @@ def default_demo_dir(preset: str = "small", seed: int = 0) -> Path:
     return root / f"demo-{preset}-seed{seed}-v{GENERATOR_VERSION}"
 
 
-def ensure_demo_checkpoint(preset: str = "small", seed: int = 0) -> Path:
-    """The demo checkpoint, generated on first use (into a temp dir, then renamed atomically)."""
+def ensure_demo_checkpoint(preset: str = "small", seed: int = 0, progress: bool = False) -> Path:
+    """The demo checkpoint, generated on first use (into a temp dir, then renamed atomically).
+    `progress` shows the generation's progress on stderr."""
     final = default_demo_dir(preset, seed)
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        make_checkpoint(tmp, preset=preset, seed=seed)
+        make_checkpoint(tmp, preset=preset, seed=seed, progress=progress)
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():  # not a lost race with another process: a real failure

@@ -6,6 +6,7 @@ Logprobs are of the model's raw distribution (log_softmax of the logits), as vLL
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +33,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens > 0, "max_tokens", "> 0"),
-            (self.temperature >= 0, "temperature", ">= 0"),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                "temperature",
+                "a finite number >= 0",
+            ),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= -1, "top_k", ">= -1 (0/-1 = off)"),
             (isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1, "n",

@@ -34,6 +34,10 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id (added tokens included)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -56,7 +56,9 @@ def served(tmp_path_factory):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(build_app(config, model_dir), name=APP, blocking=False)
-        yield Served(model_dir, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}")
+        base = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: _status(f"{base}/health/ready") == 200, 60, "readiness")
+        yield Served(model_dir, base, f"127.0.0.1:{grpc_port}")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -83,6 +85,13 @@ def stub(served):
         yield generate_pb2_grpc.GenerationStub(channel), channel
 
 
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=10).status_code
+    except httpx.HTTPError:
+        return 0
+
+
 def replica_stats() -> dict:
     return serve.get_deployment_handle("DenseReplica", APP).stats.remote().result(timeout_s=10)
 
@@ -103,8 +112,24 @@ def greedy(worker: DenseWorker, ids: list[int], n: int):
 # ------------------------------------------------------------------------------ OpenAI HTTP
 def test_models_and_health(served, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    r = httpx.get(f"{served.base_url}/health")
-    assert r.status_code == 200 and r.json()["grpc"] == served.grpc_address
+    for path in ("/health", "/health/live"):
+        r = httpx.get(f"{served.base_url}{path}")
+        assert r.status_code == 200 and r.json()["grpc"] == served.grpc_address
+        assert r.json()["ready"] is True
+    r = httpx.get(f"{served.base_url}/health/ready")
+    assert r.status_code == 200 and r.json() == {"status": "ready", "reason": ""}
+
+
+def test_docs_and_openapi_list_every_route(served):
+    assert httpx.get(f"{served.base_url}/docs").status_code == 200
+    schema = httpx.get(f"{served.base_url}/openapi.json").json()
+    paths = set(schema["paths"])
+    expected = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                "/health/live", "/health/ready", "/metrics"}  # fmt: skip
+    assert expected <= paths, expected - paths
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    ref = body["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert "messages" in schema["components"]["schemas"][ref]["properties"]
 
 
 def test_completion(client, worker):
@@ -284,6 +309,16 @@ BAD_REQUESTS = [  # (path, body, status, param, message fragment)
     ("completions", GOOD | {"max_tokens": 0}, 400, "max_tokens", "> 0"),
     ("completions", GOOD | {"max_tokens": -3}, 400, "max_tokens", "> 0"),
     ("completions", GOOD | {"temperature": -0.5}, 400, "temperature", ">= 0"),
+    (
+        "completions",
+        b'{"model": "tiny", "prompt": "hi", "temperature": 1e999}',
+        400,
+        "temperature",
+        "finite",
+    ),
+    ("completions", GOOD | {"stop_token_ids": [-1]}, 400, "stop_token_ids", "outside"),
+    ("completions", GOOD | {"stop_token_ids": [10**12]}, 400, "stop_token_ids", "outside"),
+    ("completions", GOOD | {"prompt": "word " * 100000}, 400, None, "cannot fit"),
     ("completions", GOOD | {"top_p": 0}, 400, "top_p", "top_p"),
     ("completions", GOOD | {"n": 2}, 400, "n", "n=1"),
     ("completions", GOOD | {"presence_penalty": 0.5}, 400, "presence_penalty", "only 0"),
@@ -296,6 +331,20 @@ BAD_REQUESTS = [  # (path, body, status, param, message fragment)
     ("completions", GOOD | {"stop": [""]}, 400, "stop", "non-empty"),
     ("completions", {"prompt": "hi"}, 400, "model", "Field required"),
     ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages", "valid array"),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user"}]},
+        400,
+        "messages.0.content",
+        "needs content",
+    ),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "system", "content": None}]},
+        400,
+        "messages.0.content",
+        "needs content",
+    ),
     (
         "chat/completions",
         {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
@@ -336,6 +385,30 @@ def test_bad_requests_get_openai_errors_and_server_recovers(
     assert set(error) == {"message", "type", "param", "code"}
     ok = httpx.post(f"{served.base_url}/v1/completions", json=GOOD)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_body_over_the_limit_is_413_without_freezing_the_ingress(served):
+    """server.max_body_mb (8 MiB by default): refused on the declared length, and the ingress
+    keeps answering."""
+    big = b'{"model": "tiny", "prompt": "' + b"x" * (9 * 2**20) + b'"}'
+    r = httpx.post(f"{served.base_url}/v1/completions", content=big, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{served.base_url}/health/live").status_code == 200
+
+
+def test_assistant_message_with_tool_calls_may_omit_content(served):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "call f"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "user", "content": "thanks"},
+    ]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    r = httpx.post(f"{served.base_url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    messages[1].pop("tool_calls")
+    r = httpx.post(f"{served.base_url}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.1.content"
 
 
 def test_documented_params_at_noop_values_are_accepted(served):
@@ -511,6 +584,8 @@ def test_grpc_health_and_reflection(stub):
             "exceeds the model length",
         ),
         ({}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"text": "hi", "temperature": float("inf")}, grpc.StatusCode.INVALID_ARGUMENT, "finite"),
+        ({"text": "hi", "stop_token_ids": [-1]}, grpc.StatusCode.INVALID_ARGUMENT, "outside"),
     ],
 )
 def test_grpc_errors(stub, kw, code, fragment):
@@ -520,6 +595,19 @@ def test_grpc_errors(stub, kw, code, fragment):
         with pytest.raises(grpc.RpcError) as info:
             call(req, timeout=30)
         assert info.value.code() == code and fragment in info.value.details()
+    assert gen.Generate(_grpc_request(text="ok", max_tokens=2), timeout=30).usage.total_tokens
+
+
+def test_grpc_garbage_protobuf_is_invalid_argument(stub):
+    _, channel = stub
+    for method, kind in (("Generate", "unary_unary"), ("GenerateStream", "unary_stream")):
+        call = getattr(channel, kind)(f"/expertmesh.v1.Generation/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            result = call(b"\xff\xff\xff\xff garbage", timeout=30)
+            list(result) if kind == "unary_stream" else result
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid expertmesh.v1.GenerateRequest" in info.value.details()
+    gen, _ = stub
     assert gen.Generate(_grpc_request(text="ok", max_tokens=2), timeout=30).usage.total_tokens
 
 
@@ -564,22 +652,32 @@ def test_app_builder_from_config_file_with_expert_shards(served, worker, tmp_pat
                 *[http.post("/v1/completions", json=body) for _ in range(n)]
             )
 
-    try:
-        serve.run(app_builder({"config": str(path)}), name="sharded", route_prefix="/sharded")
-        assert pool_running()
-        expected = greedy(worker, PROMPTS[1], 8).token_ids
-        for r in asyncio.run(burst(16)):
-            assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["token_ids"] == expected
+    def finished_by_replica() -> dict[str, int]:
         handle = serve.get_deployment_handle("DenseReplica", "sharded")
         finished = {}
         for _ in range(40):  # Serve routes each stats call to some replica
             s = handle.stats.remote().result(timeout_s=10)
             finished[s["replica"]] = s["finished"]
+        return finished
+
+    try:
+        serve.run(app_builder({"config": str(path)}), name="sharded", route_prefix="/sharded")
+        assert pool_running()
+        expected = greedy(worker, PROMPTS[1], 8).token_ids
+        sent = 0
+        for _ in range(4):  # Serve may send a whole burst to one replica: send more bursts
+            for r in asyncio.run(burst(16)):
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["token_ids"] == expected
+            sent += 16
+            finished = finished_by_replica()
+            if len(finished) == 2 and all(n > 0 for n in finished.values()):
+                break
         assert len(finished) == 2, f"expected 2 dense replicas, saw {finished}"
         assert all(n > 0 for n in finished.values()), f"a replica got no requests: {finished}"
-        assert sum(finished.values()) == 16
+        assert sum(finished.values()) == sent
     finally:
         serve.delete("sharded")
-        assert stop_detached_pool()
-    assert not pool_running()
+    # the detached pool was started for this app: it stops once the app is gone
+    wait_until(lambda: not pool_running(), 60, "the app's expert pool to stop")
+    assert not stop_detached_pool()
