@@ -19,6 +19,9 @@ ENGINE_GAUGES = {
     "waiting": "requests waiting for a cache slot",
     "free_slots": "free cache slots",
     "max_num_seqs": "cache slots in total",
+    "kv_blocks_total": "KV cache blocks in the pool",
+    "kv_blocks_free": "KV cache blocks free or evictable",
+    "prefix_cache_snapshots": "DeltaNet state snapshots held by the prefix cache",
 }
 ENGINE_COUNTERS = {
     "steps": "engine steps run",
@@ -27,13 +30,10 @@ ENGINE_COUNTERS = {
     "finished": "requests finished (any reason)",
     "errors": "requests failed by an engine error",
     "step_seconds": "seconds spent in engine steps",
-    "kv_blocks_total": "KV cache blocks in the pool",
-    "kv_blocks_free": "KV cache blocks free or evictable",
     "kv_block_evictions": "cached KV blocks evicted to make room",
     "preemptions": "requests preempted when KV blocks ran out (resumed later)",
     "prefix_cache_queried_tokens": "prompt tokens looked up in the prefix cache",
     "prefix_cache_hit_tokens": "prompt tokens served from the prefix cache",
-    "prefix_cache_snapshots": "DeltaNet state snapshots held by the prefix cache",
 }
 STALE_AFTER_S = 60.0  # forget a replica not seen for this long (scaled down or restarted)
 
