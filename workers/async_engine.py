@@ -46,6 +46,8 @@ class AsyncEngine:
             self._queues[rid] = (asyncio.get_running_loop(), queue)
         finished = False
         try:
+            if params.grammar is not None:  # compile off the engine thread and the event loop
+                await asyncio.to_thread(self.engine.prepare, params)
             self.engine.add_request(rid, prompt_ids, params, resume)
             self._wake.set()
             unfinished = params.n  # choices still running

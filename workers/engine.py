@@ -21,8 +21,9 @@ import torch
 
 from workers.requests import EngineConfig, Request, RequestError, RequestOutput, ResumeState
 from workers.runner import ModelRunner
-from workers.sampler import SamplingParams, sample
+from workers.sampler import SamplingError, SamplingParams, prompt_logprobs, sample
 from workers.scheduler import Scheduler, Work
+from workers.structured import GrammarCompiler, GrammarError
 from workers.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ class Engine:
         self.runner = runner
         self.config = config
         self.tokenizer = tokenizer
+        vocab = runner.config.vocab_size
+        self.grammars = (
+            GrammarCompiler(tokenizer, vocab, runner.config.eos_token_ids)
+            if (tokenizer is not None)
+            else None
+        )
         self.eos_ids = frozenset(runner.config.eos_token_ids)
         self.scheduler = Scheduler(runner.cache, config)
         self.stats = EngineStats()
@@ -70,7 +77,14 @@ class Engine:
         request = Request.create(request_id, prompt_ids, params, self.config, model)
         if params.stop and self.tokenizer is None:
             raise RequestError("invalid", "stop strings need a tokenizer; use stop_token_ids")
+        bad = [t for t in params.token_ids() if t >= model.vocab_size]
+        if bad:
+            raise RequestError("invalid", f"token id {bad[0]} is outside [0, {model.vocab_size})")
         request.attach_detokenizer(self.tokenizer)
+        try:
+            request.attach_sampling(model.vocab_size, self.eos_ids, self.grammars)
+        except (GrammarError, SamplingError) as exc:
+            raise RequestError("invalid", f"grammar: {exc}") from None
         if resume is not None:
             request.resume(resume, self.eos_ids, model.vocab_size)
         self._check_fits(request)
@@ -80,6 +94,18 @@ class Engine:
                 raise RequestError("queue_full", f"queue is full ({self.config.max_queue} waiting)")
             self._pending += 1
         self._inbox.put(("add", request))
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar into the cache; call off the engine thread before
+        add_request (the async engine does). RequestError for a grammar that cannot compile."""
+        if params.grammar is None:
+            return
+        if self.grammars is None:
+            raise RequestError("invalid", "structured output needs the model's tokenizer")
+        try:
+            self.grammars.prepare(params.grammar)
+        except GrammarError as exc:
+            raise RequestError("invalid", f"grammar: {exc}") from None
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -127,10 +153,30 @@ class Engine:
         return self.scheduler.schedule()
 
     def run(self, work: list[Work]) -> torch.Tensor:
-        """Forward the step; logits [B, V] of the sampling requests (in `work` order)."""
-        logits = self.runner.step([(w.request.slot, w.tokens) for w in work])
+        """Forward the step; logits [B, V] of the sampling requests (in `work` order). Requests
+        that asked for prompt logprobs get them for the prompt positions of this step."""
+        batch = [(w.request.slot, w.tokens) for w in work]
+        full = [i for i, w in enumerate(work) if self._wants_prompt_logprobs(w.request)]
+        if full:
+            logits, spans = self.runner.step(batch, full=full)
+            for i in full:
+                self._prompt_logprobs(work[i].request, spans[i])
+        else:
+            logits = self.runner.step(batch)
         keep = torch.tensor([i for i, w in enumerate(work) if w.sample], dtype=torch.long)
         return logits[keep]
+
+    @staticmethod
+    def _wants_prompt_logprobs(req: Request) -> bool:
+        return req.prompt_logprobs is not None and req.num_computed < len(req.prompt_ids) - 1
+
+    @staticmethod
+    def _prompt_logprobs(req: Request, logits: torch.Tensor) -> None:
+        """logits [n, V] of positions num_computed.. predict the prompt tokens after them."""
+        start = req.num_computed
+        targets = req.all_ids[start + 1 : start + 1 + logits.shape[0]]
+        k = req.params.prompt_logprobs or 0
+        req.record_prompt_logprobs(start, prompt_logprobs(logits[: len(targets)], targets, k))
 
     def post_process(
         self, work: list[Work], logits: torch.Tensor, forked: dict[int, list[Request]]
@@ -145,11 +191,16 @@ class Engine:
         if not sampled:
             return []
         logits = logits[rows] if len(rows) != logits.shape[0] else logits
-        params = [r.params for r in sampled]
-        tokens, logprobs = sample(logits, params, [r.generator() for r in sampled])
+        result = sample(logits, [r.sampling for r in sampled], [r.generator() for r in sampled])
         outputs = []
-        for req, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist(), strict=True):
-            reason = req.append_token(token, logprob, self.eos_ids, self.config.max_model_len)
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
+        for i, req in enumerate(sampled):
+            if i in result.errors:  # e.g. a grammar that allows no next token: this one fails
+                outputs += self._finish(req, "error", result.errors[i], kind="invalid")
+                continue
+            top = result.top(i, req.params.top_logprobs if req.params.logprobs else 0)
+            limit = self.config.max_model_len
+            reason = req.append_token(tokens[i], logprobs[i], self.eos_ids, limit, top)
             if reason is not None:
                 outputs += self._finish(req, reason)
             else:
@@ -182,14 +233,16 @@ class Engine:
                     outputs += self._finish(req, "abort")
         return outputs
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> list[RequestOutput]:
+    def _finish(
+        self, req: Request, reason: str, error: str | None = None, kind: str = "internal"
+    ) -> list[RequestOutput]:
         """Retire a request (and its not yet forked choices); their final outputs."""
         choices = [req, *req.forks]
         self.scheduler.remove(req)
         req.forks = []
         self.stats.finished += 1
         self.stats.errors += reason == "error"
-        return [r.finish(reason, error) for r in choices]
+        return [r.finish(reason, error, kind) for r in choices]
 
     def _account(self, work: list[Work], seconds: float) -> None:
         s = self.stats

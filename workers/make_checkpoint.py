@@ -24,20 +24,113 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from tqdm import tqdm
 
 from workers.config import COMPUTE_DTYPES, FULL, LINEAR, ModelConfig
 from workers.tokenizer_data import CORPUS
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: tool-call tokens and a chat template that renders tools
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-TOKENIZER_VOCAB = 1024  # trained tokens + special tokens
+# Added (not special: decoding keeps them) like Qwen3's tokenizer has them.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+TOKENIZER_VOCAB = 1024  # trained tokens + tool tokens + special tokens
+DEFAULT_TOOL_SYSTEM = "You are a coding assistant. You can call functions to get things done."
+# The demo's chat template: ChatML, with tools the way Qwen3-Coder's published template does
+# them (our own text): the functions listed in XML in the system message, an assistant's calls
+# as <tool_call><function=NAME><parameter=ARG>value</parameter></function></tool_call> (the
+# format the model answers in; deploy/tools.py parses it), and consecutive tool results as one
+# user turn of <tool_response> blocks. Variables: messages, tools, add_generation_prompt.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    r"""
+{%- macro xml_value(value) %}
+    {%- if value is string %}{{- value }}{%- else %}{{- value | tojson }}{%- endif %}
+{%- endmacro %}
+{%- if messages and messages[0].role == 'system' %}
+    {%- set system_text = messages[0].content %}
+    {%- set turns = messages[1:] %}
+{%- else %}
+    {%- set system_text = '' %}
+    {%- set turns = messages %}
+{%- endif %}
+{%- if tools %}
+    {{- '<|im_start|>system\n' + (system_text or '"""
+    + DEFAULT_TOOL_SYSTEM
+    + r"""') }}
+    {{- '\n\n# Tools\n\nYou can call these functions:\n\n<tools>' }}
+    {%- for tool in tools %}
+        {%- set fn = tool.function if tool.function is defined else tool %}
+        {{- '\n<function>\n<name>' + fn.name + '</name>' }}
+        {%- if fn.description %}
+            {{- '\n<description>' + fn.description | trim + '</description>' }}
+        {%- endif %}
+        {{- '\n<parameters>' }}
+        {%- if fn.parameters is mapping and fn.parameters.properties is mapping %}
+            {%- for name, spec in fn.parameters.properties | items %}
+                {{- '\n<parameter>\n<name>' + name + '</name>' }}
+                {%- if spec is mapping %}
+                    {%- for key, value in spec | items %}
+                        {{- '\n<' + key + '>' + xml_value(value) | trim + '</' + key + '>' }}
+                    {%- endfor %}
+                {%- endif %}
+                {{- '\n</parameter>' }}
+            {%- endfor %}
+        {%- endif %}
+        {%- if fn.parameters is mapping and fn.parameters.required %}
+            {{- '\n<required>' + fn.parameters.required | tojson + '</required>' }}
+        {%- endif %}
+        {{- '\n</parameters>\n</function>' }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nTo call functions, end your reply with one or more calls in exactly this '
+        'format, and write nothing after them:\n\n<tool_call>\n<function=the_function_name>\n'
+        '<parameter=a_parameter_name>\nthe value (may span several lines)\n</parameter>\n'
+        '</function>\n</tool_call>\n\nGive every required parameter. Any explanation goes '
+        'before the first call.<|im_end|>\n' }}
+{%- elif system_text %}
+    {{- '<|im_start|>system\n' + system_text + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in turns %}
+    {%- if message.role == 'assistant' %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\n' + message.content | trim }}
+        {%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- set fn = call.function if call.function is defined else call %}
+            {{- '\n<tool_call>\n<function=' + fn.name + '>\n' }}
+            {%- if fn.arguments is mapping %}
+                {%- for name, value in fn.arguments | items %}
+                    {{- '<parameter=' + name + '>\n' + xml_value(value) + '\n</parameter>\n' }}
+                {%- endfor %}
+            {%- endif %}
+            {{- '</function>\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or loop.previtem.role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or loop.nextitem.role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+""".strip()
 )
 # Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation, whitespace.
 _SPLIT = (
@@ -96,11 +189,12 @@ def build_tokenizer() -> Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB - len(SPECIAL_TOKENS),
+        vocab_size=TOKENIZER_VOCAB - len(SPECIAL_TOKENS) - len(TOOL_TOKENS),
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 

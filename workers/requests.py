@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.config import ModelConfig
-from workers.sampler import SamplingParams
+from workers.sampler import SamplingParams, SamplingState
+from workers.structured import GrammarCompiler
 from workers.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 _MASK64 = (1 << 64) - 1
@@ -78,6 +79,12 @@ class RequestOutput:
     error: str | None = None
     index: int = 0  # choice index (n > 1)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error_kind: str = "internal"  # RequestError kind of `error` ("invalid": the request's fault)
+    # per token in token_ids, its top_logprobs alternatives [(token, raw logprob)] (if asked)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # once, with the first output (if asked): per prompt token, None for the first, else
+    # (raw logprob, [(token, raw logprob)] alternatives)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         return dataclasses.replace(
@@ -85,7 +92,12 @@ class RequestOutput:
             token_ids=self.token_ids + later.token_ids,
             logprobs=self.logprobs + later.logprobs,
             text=self.text + later.text,
+            top_logprobs=self.top_logprobs + later.top_logprobs,
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
         )
+
+
+PromptLogprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass(eq=False)
@@ -101,6 +113,9 @@ class Request:
     all_ids: list[int] = field(default_factory=list)  # prompt + output
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_top: list[list[tuple[int, float]]] = field(default_factory=list)  # top_logprobs
+    sampling: SamplingState | None = None  # penalty counts, grammar matcher (attach_sampling)
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # filled while prefilling
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # accumulated output text (stop strings removed)
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache (first admission)
@@ -108,6 +123,8 @@ class Request:
     num_registered: int = 0  # prompt blocks indexed in the prefix cache
     _sent_tokens: int = 0
     _sent_chars: int = 0
+    _sent_prompt_logprobs: bool = False
+    _stop_from: int = 0  # stop strings count from this text offset (after min_tokens)
 
     @classmethod
     def create(
@@ -150,12 +167,23 @@ class Request:
         for fork in self.forks:
             fork.attach_detokenizer(tokenizer)
 
+    def attach_sampling(
+        self, vocab_size: int, eos_ids: frozenset[int], grammars: GrammarCompiler | None
+    ) -> None:
+        """Per-choice sampling state (each choice has its own grammar matcher)."""
+        end = () if self.params.ignore_eos else sorted(eos_ids)
+        for r in (self, *self.forks):
+            r.sampling = SamplingState(r.params, r.prompt_ids, vocab_size, end, grammars)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_ids)
+
     def take_fork(self, parent: Request) -> None:
         """Become a copy of `parent` right after its prompt was computed (its slot's state
         is copied by the cache); sampling then continues with this choice's own seed."""
         self.num_computed = parent.num_computed
         self.cached_tokens = parent.cached_tokens
         self.block_hashes, self.num_registered = parent.block_hashes, parent.num_registered
+        self.prompt_logprobs = parent.prompt_logprobs
 
     # ---------------------------------------------------------------- resume
     def resume(self, state: ResumeState, eos_ids: frozenset[int], vocab_size: int) -> None:
@@ -182,7 +210,13 @@ class Request:
         if ended:
             raise RequestError("invalid", f"resume.output_ids: already ended by token {ended[0]}")
         self.output_ids, self.output_logprobs = ids, logprobs or [0.0] * len(ids)
+        self.output_top = [[] for _ in ids]
         self.all_ids = self.prompt_ids + ids
+        if self.sampling is not None:
+            self.sampling.replay(ids)
+            if self.sampling.error is not None:
+                raise RequestError("invalid", f"resume.output_ids: {self.sampling.error}")
+        self._sent_prompt_logprobs = bool(ids)  # the first output carried them
         if self.detok is not None:
             self.text = self.detok.replay(ids)
             if any(stop in self.text for stop in self.params.stop):
@@ -212,22 +246,36 @@ class Request:
         return torch.Generator().manual_seed(position_seed(self.seed, len(self.output_ids)))
 
     def append_token(
-        self, token: int, logprob: float, eos_ids: frozenset[int], max_model_len: int
+        self,
+        token: int,
+        logprob: float,
+        eos_ids: frozenset[int],
+        max_model_len: int,
+        top: list[tuple[int, float]] | None = None,
     ) -> str | None:
-        """Record a sampled token; return the finish reason if the request is done."""
+        """Record a sampled token; return the finish reason if the request is done. Before
+        min_tokens nothing stops it but the length limits."""
         self.output_ids.append(token)
         self.output_logprobs.append(logprob)
+        self.output_top.append(top or [])
         self.all_ids.append(token)
+        if self.sampling is not None:
+            self.sampling.advance(token)
         p = self.params
+        may_stop = len(self.output_ids) > p.min_tokens
         if self.detok is not None:
             self.text += self.detok.push(self.output_ids)
-            for stop in p.stop:
-                cut = self.text.find(stop)
+            if not may_stop:
+                self._stop_from = len(self.text)
+            for stop in p.stop if may_stop else ():
+                cut = self.text.find(stop, max(0, self._stop_from - len(stop) + 1))
                 if cut >= 0:
                     self.text = self.text[:cut]
                     return "stop"
-        if token in p.stop_token_ids or self._is_eos(token, eos_ids):
+        if may_stop and (token in p.stop_token_ids or self._is_eos(token, eos_ids)):
             return "stop"
+        if may_stop and self.sampling is not None and self.sampling.done:
+            return "stop"  # the grammar is complete: only end of sequence could follow
         if len(self.output_ids) >= p.max_tokens:
             return "length"
         if len(self.all_ids) >= max_model_len:
@@ -252,12 +300,27 @@ class Request:
             index=self.index,
             cached_tokens=self.cached_tokens or 0,
         )
+        if self.params.logprobs and self.params.top_logprobs:
+            out.top_logprobs = self.output_top[self._sent_tokens :]
+        if self.prompt_logprobs is not None and not self._sent_prompt_logprobs:
+            out.prompt_logprobs = self.prompt_logprobs
+            self._sent_prompt_logprobs = True
         self._sent_tokens, self._sent_chars = len(self.output_ids), end
         return out
 
-    def finish(self, reason: str, error: str | None = None) -> RequestOutput:
+    def record_prompt_logprobs(self, start: int, entries: list[PromptLogprob]) -> None:
+        """Logprobs of prompt tokens start+1, start+2, ... from logits at positions start, ..."""
+        assert self.prompt_logprobs is not None
+        for i, entry in enumerate(entries):
+            if start + 1 + i < len(self.prompt_ids):
+                self.prompt_logprobs[start + 1 + i] = entry
+
+    def finish(
+        self, reason: str, error: str | None = None, error_kind: str = "internal"
+    ) -> RequestOutput:
         out = self.take_output(finished=True)
         out.finished, out.finish_reason, out.error = True, reason, error
+        out.error_kind = error_kind
         return out
 
 

@@ -47,11 +47,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(
-        self, batch: Sequence[tuple[int, Sequence[int]]], all_logits: bool = False
-    ) -> torch.Tensor | list[torch.Tensor]:
+        self,
+        batch: Sequence[tuple[int, Sequence[int]]],
+        all_logits: bool = False,
+        full: Sequence[int] = (),
+    ) -> torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """[(slot, new token ids)] -> logits of each sequence's last token [B, V] (fp32), or
-        with all_logits, a list of [n_i, V] for every new position. Takes the KV blocks the
-        new tokens need (CacheFullError, before anything moves, when the pool is short)."""
+        with all_logits, a list of [n_i, V] for every new position; with `full` (batch
+        indices), (last-token logits [B, V], {index: [n_i, V] of every new position}) for
+        prompt logprobs. Takes the KV blocks the new tokens need (CacheFullError, before
+        anything moves, when the pool is short)."""
         parts = split_batch(batch, self.micro_batches)
         input_ids = [
             torch.tensor([t for _, ids in p for t in ids], dtype=torch.long) for p in parts
@@ -65,9 +70,13 @@ class ModelRunner:
         if all_logits:
             pairs = zip(hiddens, layouts, strict=True)
             return [self.lm.logits(h[s.rows]) for h, lay in pairs for s in lay.spans]
-        pairs = zip(hiddens, layouts, strict=True)
+        pairs = list(zip(hiddens, layouts, strict=True))
         last = [h[[s.offset + s.length - 1 for s in lay.spans]] for h, lay in pairs]
-        return self.lm.logits(torch.cat(last))  # [B, V] in batch order
+        logits = self.lm.logits(torch.cat(last))  # [B, V] in batch order
+        if not full:
+            return logits
+        spans = [(h, s) for h, lay in pairs for s in lay.spans]  # batch order
+        return logits, {i: self.lm.logits(spans[i][0][spans[i][1].rows]) for i in full}
 
     def _reserve(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
         cache = self.cache

@@ -160,7 +160,9 @@ class Scheduler:
         cache, seqs = self.cache, 1 + len(req.forks)
         if len(self.running) + seqs > self.config.max_num_seqs or cache.num_free < seqs:
             return False
-        hit = self.prefix.match(req) if self.prefix is not None else PrefixHit.none()
+        hit = PrefixHit.none()
+        if self.prefix is not None and req.prompt_logprobs is None:  # those need every logit
+            hit = self.prefix.match(req)
         pending = len(req.all_ids) - hit.tokens + 1  # + the first output token
         chunk = self.config.max_prefill_chunk
         need = cache.window.max_blocks(pending, chunk) + len(req.forks)

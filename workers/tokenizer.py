@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -41,24 +43,44 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def added_tokens(self) -> dict[str, int]:
+        """Tokens added to the vocabulary (special or not) -> id, e.g. `<tool_call>`."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (for llguidance's view of the vocabulary)."""
+        return self._tok.to_str()
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Render like transformers' `apply_chat_template(..., tokenize=False)`: the template
+        sees `messages`, `tools` (OpenAI-style function specs), `add_generation_prompt`, the
+        special tokens and any extra keyword (chat_template_kwargs, e.g. enable_thinking)."""
         if not self.chat_template:
             raise TokenizerError("this model has no chat template (tokenizer_config.json)")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
         try:
-            template = env.from_string(self.chat_template)
+            template = _environment().from_string(self.chat_template)
+            context = {
+                "bos_token": _token_str(self.config.get("bos_token")) or "",
+                "eos_token": self.eos_token or "",
+                **kwargs,
+            }
             return template.render(
+                context,
                 messages=messages,
-                add_generation_prompt=True,
-                eos_token=self.eos_token or "",
-                bos_token=_token_str(self.config.get("bos_token")) or "",
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
@@ -99,4 +121,28 @@ def _token_str(value: Any) -> str | None:
 
 
 def _raise(message: str) -> None:
-    raise TokenizerError(message)
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' tojson: plain json.dumps (Jinja's own escapes HTML characters)."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """A sandbox with what chat templates on the Hub expect (as transformers sets it up)."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
