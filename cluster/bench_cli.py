@@ -8,6 +8,7 @@
     expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
     expertmesh bench quant                  # expert storage formats: fidelity and speed
     expertmesh bench profile                # decode-step profile, fused vs torch experts
+    expertmesh bench structured             # grammar compile time and per-step mask cost
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -143,6 +144,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, default=10, help="timed decode steps per path")
     pr.set_defaults(func=_profile, repeats=1)
 
+    st = sub.add_parser("structured", help="grammar compile time and per-step mask cost")
+    st.add_argument("--batch", type=int, default=32, help="sequences per decode step")
+    st.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    st.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    st.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=_structured, model=None, threads=None)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -193,6 +202,18 @@ def _profile(args: argparse.Namespace) -> int:
     profile.run(args.model, args.batches, args.prompt_len, args.steps, seed=args.seed,
                 out_dir=args.out)  # fmt: skip
     _show(args.out, "profile")
+    return 0
+
+
+def _structured(args: argparse.Namespace) -> int:
+    from cluster.bench import structured
+
+    _setup(args)
+    if min(args.batch, args.steps) < 1:
+        raise UsageError("--batch, --steps: must be >= 1")
+    builder = getattr(args, "tool_grammar_builder", None)  # deploy/ adds the tool-call grammar
+    structured.run(args.batch, args.steps, args.repeats, args.seed, args.out, builder)
+    _show(args.out, "structured")
     return 0
 
 

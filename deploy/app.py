@@ -31,10 +31,26 @@ from deploy.bootstrap import (
 from deploy.frontend import Frontend
 from deploy.health import ReadinessMonitor
 from deploy.metrics import Metrics
-from deploy.openai_api import ChatCompletionRequest, CompletionRequest, error_body, parse_request
-from deploy.openai_format import SSE_DONE, ChatFormat, CompletionFormat, sse
-from deploy.params import InvalidParam, ModelInfo, StreamError, prompt_ids, sampling_params
+from deploy.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    engine_inputs,
+    error_body,
+)
+from deploy.openai_format import warning_headers
+from deploy.openai_serving import ENDPOINTS
+from deploy.params import ModelInfo, StreamError
 from deploy.prefix_router import router_config
+from deploy.responses_api import ResponsesRequest
+from deploy.tokenize_api import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    model_card,
+    parse_detokenize,
+    parse_tokenize,
+    tokenize,
+)
 from workers.requests import RequestError, RequestOutput, ResumeState
 from workers.sampler import SamplingParams
 
@@ -218,6 +234,9 @@ def _openapi() -> dict[str, Any]:
 REQUEST_SCHEMAS: dict[str, type] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/responses": ResponsesRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
 api.openapi = _openapi
 
@@ -260,31 +279,31 @@ class OpenAIIngress:
 
     @api.post("/v1/completions", summary="OpenAI text completion (streams with stream=true)")
     async def completions(self, request: Request) -> Response:
-        return await self._serve("completions", request, chat=False)
+        return await self._serve("completions", request)
 
     @api.post("/v1/chat/completions", summary="OpenAI chat completion (streams with stream=true)")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve("chat_completions", request, chat=True)
+        return await self._serve("chat_completions", request)
+
+    @api.post("/v1/responses", summary="OpenAI Responses API, stateless (streams with stream=true)")
+    async def responses(self, request: Request) -> Response:
+        return await self._serve("responses", request)
 
     @api.get("/v1/models", summary="The served model")
     async def models(self, request: Request) -> Response:
-        if (denied := self._check_key(request, "models")) is not None:
-            return denied
-        try:
-            info = await self.frontend.info()
-        except Exception:
-            log.exception("model_info failed")
-            return self._error("models", RequestError("unavailable", "the model is not ready"))
-        card = {
-            "id": info.name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "expertmesh",
-            "root": self.model_dir,
-            "max_model_len": info.max_model_len,
-        }
-        self.metrics.request_done("models", 200)
-        return JSONResponse({"object": "list", "data": [card]})
+        return await self._model_card(request, None)
+
+    @api.get("/v1/models/{model_id:path}", summary="The served model's card")
+    async def model(self, request: Request, model_id: str) -> Response:
+        return await self._model_card(request, model_id)
+
+    @api.post("/tokenize", summary="vLLM's tokenize: a prompt or chat messages -> token ids")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._text("tokenize", request, parse_tokenize, tokenize)
+
+    @api.post("/detokenize", summary="vLLM's detokenize: token ids -> text")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._text("detokenize", request, parse_detokenize, detokenize)
 
     @api.get("/health", summary="Liveness: 200 while this process answers")
     async def health(self) -> Response:
@@ -325,9 +344,50 @@ class OpenAIIngress:
         except Exception:
             return None
 
+    async def _model_card(self, request: Request, model_id: str | None) -> Response:
+        if (denied := self._check_key(request, "models")) is not None:
+            return denied
+        try:
+            info = await self.frontend.info()
+        except Exception:
+            log.exception("model_info failed")
+            return self._error("models", RequestError("unavailable", "the model is not ready"))
+        card = model_card(info, self.created, self.model_dir)
+        if model_id is None:
+            self.metrics.request_done("models", 200)
+            return JSONResponse({"object": "list", "data": [card]})
+        try:
+            self.frontend.check_model(model_id)
+        except RequestError as exc:
+            return self._error("models", exc)
+        self.metrics.request_done("models", 200)
+        return JSONResponse(card)
+
+    async def _text(self, endpoint: str, request: Request, parse: Any, answer: Any) -> Response:
+        """/tokenize and /detokenize: auth, body cap, parse, answer off the event loop."""
+        if (denied := self._check_key(request, endpoint)) is not None:
+            return denied
+        raw = await self._read_body(request)
+        if raw is None:
+            limit = self.max_body / 2**20
+            return self._plain_error(
+                endpoint, 413, f"request body is larger than {limit:g} MiB", "request_too_large"
+            )
+        try:
+            req = parse(raw)
+            if req.model:
+                self.frontend.check_model(req.model)
+            info = await self.frontend.info()
+            body = await asyncio.to_thread(answer, req, self.frontend.tokenizer, info)
+        except RequestError as exc:
+            return self._error(endpoint, exc)
+        self.metrics.request_done(endpoint, 200)
+        return JSONResponse(body)
+
     # ------------------------------------------------------------------ generation
-    async def _serve(self, endpoint: str, request: Request, chat: bool) -> Response:
+    async def _serve(self, endpoint: str, request: Request) -> Response:
         start = time.perf_counter()
+        spec = ENDPOINTS[endpoint]
         if (denied := self._check_key(request, endpoint)) is not None:
             return denied
         raw = await self._read_body(request)
@@ -339,14 +399,11 @@ class OpenAIIngress:
         stream = None
         try:
             self.frontend.gate.check()  # refuses while draining
-            schema = ChatCompletionRequest if chat else CompletionRequest
-            req = await _off_loop(len(raw), parse_request, raw, schema)
+            req = await _off_loop(len(raw), spec.parse, raw)
             self.frontend.check_model(req.model)
             ids, params = await self._inputs(req)
-            fmt_cls, prefix = (ChatFormat, "chatcmpl") if chat else (CompletionFormat, "cmpl")
-            fmt = fmt_cls(
-                self.frontend.new_id(prefix), self.frontend.model_name, self.frontend.tokenizer, req
-            )
+            rid = self.frontend.new_id(spec.id_prefix)
+            fmt = spec.make_format(rid, self.frontend.model_name, self.frontend.tokenizer, req, ids)
             stream = self.frontend.stream(ids, params, fmt.rid)
             first = await anext(stream)
         except RequestError as exc:
@@ -355,9 +412,9 @@ class OpenAIIngress:
             return self._error(endpoint, exc)
         self.metrics.first_token(endpoint, start)
         done = self._done_callback(endpoint, start)
-        headers = {"X-Request-Id": fmt.rid}
+        headers = {"X-Request-Id": fmt.rid} | warning_headers(req)
         if req.stream:
-            events = self._events(stream, first, fmt, req.include_usage, done)
+            events = self._events(stream, first, fmt, done)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         response = await self._collect(endpoint, stream, first, fmt, done)
         response.headers.update(headers)
@@ -365,20 +422,9 @@ class OpenAIIngress:
 
     async def _inputs(self, req: Any) -> tuple[list[int], SamplingParams]:
         info = await self.frontend.info()
-        kwargs = req.prompt_kwargs()
-        self.frontend.precheck_prompt(info.max_model_len, **kwargs)
-        ids = await asyncio.to_thread(prompt_ids, self.frontend.tokenizer, **kwargs)
-        name, limit = req.output_limit()
-        if limit is not None and limit <= 0:
-            raise InvalidParam(name, f"{name} must be > 0, got {limit}")
-        params = sampling_params(
-            prompt_len=len(ids),
-            max_model_len=info.max_model_len,
-            max_tokens=limit,
-            default_max_tokens=req.default_max_tokens,
-            logprobs=req.wants_logprobs,
-            **req.sampling_fields(),
-        )
+        self.frontend.precheck_prompt(info.max_model_len, **req.prompt_kwargs())
+        tok = self.frontend.tokenizer
+        ids, params = await asyncio.to_thread(engine_inputs, req, tok, info.max_model_len)
         self.frontend.check_params(params, info)
         return ids, params
 
@@ -404,41 +450,42 @@ class OpenAIIngress:
         return response
 
     async def _collect(self, endpoint, stream, first, fmt, done) -> Response:
-        merged = first
+        fmt.add(first)
         try:
             async for out in stream:
-                merged = merged.merge(out)
+                fmt.add(out)
         except RequestError as exc:
             return self._error(endpoint, exc)
         finally:
             await stream.aclose()
-        done(200, merged)
-        return JSONResponse(fmt.response(merged))
+        done(200, fmt)
+        return JSONResponse(fmt.response())
 
-    async def _events(self, stream, first, fmt, include_usage, done) -> AsyncIterator[bytes]:
-        last, status = first, 499  # 499: the client went away mid-stream
+    async def _events(self, stream, first, fmt, done) -> AsyncIterator[bytes]:
+        """The format's server-sent events (OpenAI chunks + [DONE], or Responses events)."""
+        status = 499  # the client went away mid-stream
+        tail: list[bytes] = []
         try:
-            for chunk in fmt.chunks(first, first=True):
-                yield sse(chunk)
+            for event in fmt.sse_start() + fmt.sse(first):
+                yield event
             async for out in stream:
-                last = out
-                for chunk in fmt.chunks(out, first=False):
-                    yield sse(chunk)
-            if include_usage:
-                yield sse(fmt.usage_chunk(last))
+                for event in fmt.sse(out):
+                    yield event
+            tail = fmt.sse_end()
             status = 200
         except RequestError as exc:
             status = exc.http_status
-            yield sse(error_body(exc))
+            tail = fmt.sse_error(exc)
         finally:
             await stream.aclose()
-            done(status, last)
-        yield SSE_DONE
+            done(status, fmt)
+        for event in tail:
+            yield event
 
-    def _done_callback(self, endpoint: str, start: float) -> Callable[[int, RequestOutput], None]:
-        def done(status: int, out: RequestOutput) -> None:
+    def _done_callback(self, endpoint: str, start: float) -> Callable[[int, Any], None]:
+        def done(status: int, fmt: Any) -> None:
             self.metrics.request_done(endpoint, status)
-            self.metrics.finished(endpoint, start, out.prompt_tokens, out.completion_tokens)
+            self.metrics.finished(endpoint, start, *fmt.totals())
 
         return done
 

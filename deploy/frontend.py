@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 _REPLICA_LOST = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
 _BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 SEED_BITS = 63
+_MASK64 = (1 << 64) - 1
 
 
 class Frontend:
@@ -128,12 +129,13 @@ class Frontend:
         return self._max_token_bytes
 
     def check_params(self, params: SamplingParams, info: ModelInfo) -> None:
-        bad = [t for t in params.stop_token_ids if not 0 <= t < info.vocab_size]
-        if bad:
-            raise InvalidParam(
-                "stop_token_ids",
-                f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {info.vocab_size})",
-            )
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("logit_bias", [t for t, _ in params.logit_bias])):  # fmt: skip
+            bad = [t for t in ids if not 0 <= t < info.vocab_size]
+            if bad:
+                raise InvalidParam(
+                    name, f"{name}: {bad[0]} is outside the vocabulary [0, {info.vocab_size})"
+                )
 
     # -------------------------------------------------------------------- streaming
     async def stream(
@@ -146,40 +148,70 @@ class Frontend:
         try:
             if params.seed is None:  # so that a resumed request draws what this one would
                 params = dataclasses.replace(params, seed=random.getrandbits(SEED_BITS))
-            async for out in self._stream(list(prompt_ids), params, request_id):
-                yield out
+            prompt = list(prompt_ids)
+            sent = {i: _Sent() for i in range(params.n)}
+            try:
+                async for out in self._stream(prompt, params, request_id, sent):
+                    yield out
+            except _ChoicesLost:  # n > 1 lost mid-way: each choice goes on as its own request
+                async for out in self._split(prompt, params, request_id, sent):
+                    yield out
         finally:
             self.gate.leave()
 
-    async def _stream(
-        self, prompt_ids: list[int], params: SamplingParams, rid: str
+    async def _split(
+        self, prompt: list[int], params: SamplingParams, rid: str, sent: dict[int, _Sent]
     ) -> AsyncIterator[RequestOutput]:
+        """The unfinished choices of an n > 1 request, each resumed as an n=1 request with
+        seed + index (what the engine's choice would have drawn), merged into one stream."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def run(index: int) -> None:
+            one = dataclasses.replace(params, n=1, seed=(params.seed + index) & _MASK64)
+            try:
+                async for out in self._stream(prompt, one, f"{rid}-c{index}", {0: sent[index]}):
+                    await queue.put(dataclasses.replace(out, index=index))
+                await queue.put(None)
+            except BaseException as exc:  # handed to the consumer
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(run(i)) for i, s in sent.items() if not s.finished]
+        try:
+            for _ in range(len(tasks)):
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, rid: str, sent: dict[int, _Sent]
+    ) -> AsyncIterator[RequestOutput]:
+        """One replica call per attempt; `sent` tracks what the client has of each choice. An
+        n=1 request resumes from its tokens; an n > 1 one restarts while nothing was sent and
+        raises _ChoicesLost after that."""
         call = self.dense.options(stream=True).generate
-        ids: list[int] = []
-        logprobs: list[float] = []
-        chars = 0
         attempt, lost_at = 0, None
         while True:
-            resume = None
-            if ids:
-                lps = tuple(logprobs) if len(logprobs) == len(ids) else ()
-                resume = ResumeState(tuple(ids), lps, chars)
+            resume = sent[0].resume() if params.n == 1 else None
             response = call.remote(prompt_ids, params, rid, resume)
             self._responses.add(response)
             try:
                 async for item in response:
                     if isinstance(item, StreamError):
                         raise self._public_error(rid, item.kind, item.message)
-                    if item.error:
-                        raise self._public_error(rid, "internal", f"engine: {item.error}")
+                    if item.error:  # "invalid": the request's own fault (e.g. its grammar)
+                        kind = item.error_kind
+                        message = item.error if kind == "invalid" else f"engine: {item.error}"
+                        raise self._public_error(rid, kind, message)
                     if lost_at is not None:
-                        self._resumed(rid, lost_at, len(ids))
+                        self._resumed(rid, lost_at, _count(sent))
                         lost_at = None
-                    ids += item.token_ids
-                    logprobs += item.logprobs
-                    chars += len(item.text)
+                    sent[item.index].add(item)
                     yield item
-                    if item.finished:
+                    if all(s.finished for s in sent.values()):
                         return
                 problem: Exception = RuntimeError("the replica's stream ended early")
             except RequestError:
@@ -192,7 +224,7 @@ class Frontend:
                     ) from exc
                 raise
             except BackPressureError as exc:
-                if lost_at is None and not ids:
+                if lost_at is None and not _count(sent):
                     raise RequestError("queue_full", "the server is overloaded") from exc
                 problem = exc  # resuming: wait for room like for a replica
             except _REPLICA_LOST as exc:
@@ -211,7 +243,9 @@ class Frontend:
             now = time.monotonic()
             if lost_at is None:
                 lost_at = now
-                self._lost_replica(rid, len(ids), problem)
+                self._lost_replica(rid, _count(sent), problem)
+            if params.n > 1 and _count(sent):
+                raise _ChoicesLost()
             elif now - lost_at > self.replica_loss_timeout_s:
                 self._lost.pop(rid, None)
                 log.error("request %s: no replica for %.0f s: %r", rid, now - lost_at, problem)
@@ -274,6 +308,36 @@ class Frontend:
         )
         by_replica = {r["replica"]: r for r in results if isinstance(r, dict)}
         return list(by_replica.values())
+
+
+class _ChoicesLost(Exception):
+    """An n > 1 request lost its replica after some output (its choices resume one by one)."""
+
+
+class _Sent:
+    """What the client has of one choice: its tokens, their logprobs, text characters."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.chars = 0
+        self.finished = False
+
+    def add(self, out: RequestOutput) -> None:
+        self.ids += out.token_ids
+        self.logprobs += out.logprobs
+        self.chars += len(out.text)
+        self.finished = self.finished or out.finished
+
+    def resume(self) -> ResumeState | None:
+        if not self.ids:
+            return None
+        lps = tuple(self.logprobs) if len(self.logprobs) == len(self.ids) else ()
+        return ResumeState(tuple(self.ids), lps, self.chars)
+
+
+def _count(sent: dict[int, _Sent]) -> int:
+    return sum(len(s.ids) for s in sent.values())
 
 
 def _text_bytes(content: Any) -> int:

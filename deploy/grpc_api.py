@@ -13,9 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from deploy.auth import ApiKeyInterceptor
 from deploy.frontend import Frontend
-from deploy.params import DEFAULT_MAX_TOKENS, InvalidParam, prompt_ids, sampling_params
+from deploy.grpc_format import GrpcFormat, request_inputs
 from router.rpc import generate_pb2, generate_pb2_grpc
-from workers.requests import RequestError, RequestOutput
+from workers.requests import RequestError
 from workers.sampler import SamplingParams
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -39,97 +39,49 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResponse:
         try:
-            ids, params = await self._inputs(request)
+            ids, params, fmt = await self._inputs(request)
             rid = self.frontend.new_id("grpc")
-            out = await self.frontend.generate(ids, params, rid)
+            async for out in self.frontend.stream(ids, params, rid):
+                fmt.add(out)
         except RequestError as exc:
             await context.abort(GRPC_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), exc.message)
-        return to_response(out, request.request_id or rid, params.logprobs)
+        return fmt.unary(request.request_id or rid)
 
     async def GenerateStream(  # noqa: N802 (gRPC method name)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            ids, params = await self._inputs(request)
+            ids, params, fmt = await self._inputs(request)
             rid = self.frontend.new_id("grpc")
             echo = request.request_id or rid
             async for out in self.frontend.stream(ids, params, rid):
-                yield to_response(out, echo, params.logprobs)
+                yield fmt.stream(out, echo)
         except RequestError as exc:
             await context.abort(GRPC_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), exc.message)
 
     async def _inputs(
         self, request: generate_pb2.GenerateRequest
-    ) -> tuple[list[int], SamplingParams]:
+    ) -> tuple[list[int], SamplingParams, GrpcFormat]:
         self.frontend.gate.check()
         self.frontend.check_model(request.model)
         info = await self.frontend.info()
-        ids, params = await asyncio.to_thread(
-            request_inputs, request, self.frontend, info.max_model_len
-        )
+        _precheck(request, self.frontend, info.max_model_len)
+        tok = self.frontend.tokenizer
+        ids, params, fmt = await asyncio.to_thread(request_inputs, request, tok, info.max_model_len)
         self.frontend.check_params(params, info)
-        return ids, params
+        return ids, params, fmt
 
 
-def request_inputs(
-    request: generate_pb2.GenerateRequest, frontend: Frontend, max_model_len: int
-) -> tuple[list[int], SamplingParams]:
-    """GenerateRequest -> (prompt ids, SamplingParams), with the HTTP API's rules."""
+def _precheck(request: generate_pb2.GenerateRequest, frontend: Frontend, limit: int) -> None:
+    """Refuse a prompt that cannot fit before tokenizing it (Frontend.precheck_prompt)."""
     kind = request.WhichOneof("prompt")
-    tok = frontend.tokenizer
     if kind == "text":
-        frontend.precheck_prompt(max_model_len, text=request.text)
-        ids = prompt_ids(tok, text=request.text)
+        frontend.precheck_prompt(limit, text=request.text)
     elif kind == "token_ids":
-        frontend.precheck_prompt(max_model_len, token_ids=request.token_ids.ids)
-        ids = prompt_ids(tok, token_ids=request.token_ids.ids)
+        frontend.precheck_prompt(limit, token_ids=request.token_ids.ids)
     elif kind == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        frontend.precheck_prompt(max_model_len, messages=messages, param="chat.messages")
-        ids = prompt_ids(tok, messages=messages, param="chat.messages")
-    else:
-        raise InvalidParam("prompt", "prompt: set one of text, token_ids or chat")
-
-    def opt(name: str):
-        return getattr(request, name) if request.HasField(name) else None
-
-    params = sampling_params(
-        prompt_len=len(ids),
-        max_model_len=max_model_len,
-        max_tokens=opt("max_tokens"),
-        default_max_tokens=None if kind == "chat" else DEFAULT_MAX_TOKENS,
-        temperature=opt("temperature"),
-        top_p=opt("top_p"),
-        top_k=opt("top_k"),
-        seed=opt("seed"),
-        stop=list(request.stop),
-        stop_token_ids=list(request.stop_token_ids),
-        ignore_eos=request.ignore_eos,
-        logprobs=request.logprobs,
-    )
-    return ids, params
-
-
-def to_response(
-    out: RequestOutput, request_id: str, logprobs: bool
-) -> generate_pb2.GenerateResponse:
-    response = generate_pb2.GenerateResponse(
-        request_id=request_id,
-        text=out.text,
-        token_ids=out.token_ids,
-        logprobs=out.logprobs if logprobs else [],
-        finish_reason=out.finish_reason or "" if out.finished else "",
-    )
-    if out.finished:
-        total = out.prompt_tokens + out.completion_tokens
-        response.usage.CopyFrom(
-            generate_pb2.Usage(
-                prompt_tokens=out.prompt_tokens,
-                completion_tokens=out.completion_tokens,
-                total_tokens=total,
-            )
-        )
-    return response
+        frontend.precheck_prompt(limit, messages=messages, param="chat.messages")
 
 
 class _Undecodable:

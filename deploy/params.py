@@ -62,9 +62,20 @@ def sampling_params(
     stop_token_ids: Sequence[int] | None = None,
     ignore_eos: bool = False,
     logprobs: bool = False,
+    top_logprobs: int = 0,
+    prompt_logprobs: int | None = None,
+    min_p: float | None = None,
+    min_tokens: int | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    logit_bias: Sequence[tuple[int, float]] = (),
+    grammar: str | None = None,
+    n: int | None = None,
 ) -> SamplingParams:
     """Validated SamplingParams. max_tokens None takes `default_max_tokens`, or, when that is
-    None too (chat), whatever room the model length leaves after the prompt."""
+    None too (chat), whatever room the model length leaves after the prompt. None means the
+    default everywhere (OpenAI clients send explicit nulls)."""
     if max_tokens is None:
         max_tokens = default_max_tokens or max(1, max_model_len - prompt_len)
     if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
@@ -75,14 +86,25 @@ def sampling_params(
             temperature=1.0 if temperature is None else float(temperature),
             top_p=1.0 if top_p is None else float(top_p),
             top_k=0 if top_k is None else top_k,
+            min_p=0.0 if min_p is None else float(min_p),
             seed=seed,
             stop=_stop_strings(stop),
             stop_token_ids=tuple(stop_token_ids or ()),
             ignore_eos=bool(ignore_eos),
+            min_tokens=min_tokens or 0,
             logprobs=bool(logprobs),
+            top_logprobs=top_logprobs if logprobs else 0,
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=float(presence_penalty or 0.0),
+            frequency_penalty=float(frequency_penalty or 0.0),
+            repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+            logit_bias=tuple(logit_bias),
+            grammar=grammar,
+            n=1 if n is None else n,
         )
     except SamplingError as exc:  # its message starts with the field name
-        raise InvalidParam(str(exc).split(" ", 1)[0], str(exc)) from None
+        name = str(exc).split(" ", 1)[0].rstrip(":")
+        raise InvalidParam(name, str(exc)) from None
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -99,12 +121,19 @@ def prompt_ids(
     token_ids: Sequence[int] | None = None,
     messages: Sequence[dict[str, Any]] | None = None,
     param: str = "prompt",
+    tools: Sequence[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
-    """Exactly one of text / token_ids / messages -> the prompt's token ids."""
+    """Exactly one of text / token_ids / messages -> the prompt's token ids (messages with
+    the chat template, which also renders `tools` and sees `template_kwargs`)."""
     if token_ids is not None:
         ids = [int(t) for t in token_ids]
     elif messages is not None:
-        ids = _encode(tokenizer, render_chat(tokenizer, messages, param), param)
+        text = render_chat(
+            tokenizer, messages, param, tools, template_kwargs, add_generation_prompt
+        )
+        ids = _encode(tokenizer, text, param)
     elif text is not None:
         ids = _encode(tokenizer, text, param)
     else:
@@ -115,7 +144,12 @@ def prompt_ids(
 
 
 def render_chat(
-    tokenizer: TextTokenizer | None, messages: Sequence[dict[str, Any]], param: str = "messages"
+    tokenizer: TextTokenizer | None,
+    messages: Sequence[dict[str, Any]],
+    param: str = "messages",
+    tools: Sequence[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    add_generation_prompt: bool = True,
 ) -> str:
     if tokenizer is None or not tokenizer.chat_template:
         raise InvalidParam(param, "this model has no chat template: use a completion prompt")
@@ -127,8 +161,19 @@ def render_chat(
                 f"{param}.{i}.role",
                 f"{param}.{i}.role: expected one of {list(CHAT_ROLES)}, got {m.get('role')!r}",
             )
+    reserved = {"messages", "tools", "add_generation_prompt"} & set(template_kwargs or {})
+    if reserved:
+        name = sorted(reserved)[0]
+        raise InvalidParam(
+            "chat_template_kwargs", f"chat_template_kwargs: {name!r} is set by the request itself"
+        )
     try:
-        return tokenizer.apply_chat_template([dict(m) for m in messages])
+        return tokenizer.apply_chat_template(
+            [dict(m) for m in messages],
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            **(template_kwargs or {}),
+        )
     except TokenizerError as exc:
         raise InvalidParam(param, f"{param}: {exc}") from None
 

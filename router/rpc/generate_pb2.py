@@ -24,25 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\rexpertmesh.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\"\x9f\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.expertmesh.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.expertmesh.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x12\n\nrequest_id\x18\x0e \x01(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x95\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.expertmesh.v1.Usage2\xae\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\rexpertmesh.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"F\n\x08ToolCall\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"}\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.expertmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.expertmesh.v1.ChatMessage\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x96\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.expertmesh.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\xac\x08\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.expertmesh.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.expertmesh.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\x08\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x12\n\x05min_p\x18\x0f \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x12 \x01(\x02H\t\x88\x01\x01\x12\x41\n\nlogit_bias\x18\x13 \x03(\x0b\x32-.expertmesh.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x14 \x01(\x03H\n\x88\x01\x01\x12\x14\n\x0ctop_logprobs\x18\x15 \x01(\r\x12\x0e\n\x01n\x18\x16 \x01(\rH\x0b\x88\x01\x01\x12:\n\x11structured_output\x18\x17 \x01(\x0b\x32\x1f.expertmesh.v1.StructuredOutput\x12\"\n\x05tools\x18\x18 \x03(\x0b\x32\x13.expertmesh.v1.Tool\x12\x13\n\x0btool_choice\x18\x19 \x01(\t\x12 \n\x13parallel_tool_calls\x18\x1a \x01(\x08H\x0c\x88\x01\x01\x12!\n\x19\x63hat_template_kwargs_json\x18\x1b \x01(\t\x12\x1c\n\x0fprompt_logprobs\x18\x1c \x01(\rH\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x04\n\x02_nB\x16\n\x14_parallel_tool_callsB\x12\n\x10_prompt_logprobs\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"Z\n\rPromptLogprob\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\'\n\x03top\x18\x02 \x01(\x0b\x32\x1a.expertmesh.v1.TopLogprobsB\n\n\x08_logprob\"\xec\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.expertmesh.v1.Usage\x12\r\n\x05index\x18\x07 \x01(\r\x12\x30\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x1a.expertmesh.v1.TopLogprobs\x12+\n\ntool_calls\x18\t \x03(\x0b\x32\x17.expertmesh.v1.ToolCall\x12\x35\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1c.expertmesh.v1.PromptLogprob\x12\x30\n\x07\x63hoices\x18\x0b \x03(\x0b\x32\x1f.expertmesh.v1.GenerateResponse2\xae\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.expertmesh.v1.GenerateRequest\x1a\x1f.expertmesh.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=33
   _globals['_TOKENIDS']._serialized_end=56
-  _globals['_CHATMESSAGE']._serialized_start=58
-  _globals['_CHATMESSAGE']._serialized_end=102
-  _globals['_CHATMESSAGES']._serialized_start=104
-  _globals['_CHATMESSAGES']._serialized_end=164
-  _globals['_GENERATEREQUEST']._serialized_start=167
-  _globals['_GENERATEREQUEST']._serialized_end=582
-  _globals['_USAGE']._serialized_start=584
-  _globals['_USAGE']._serialized_end=663
-  _globals['_GENERATERESPONSE']._serialized_start=666
-  _globals['_GENERATERESPONSE']._serialized_end=815
-  _globals['_GENERATION']._serialized_start=818
-  _globals['_GENERATION']._serialized_end=992
+  _globals['_TOOLCALL']._serialized_start=58
+  _globals['_TOOLCALL']._serialized_end=128
+  _globals['_CHATMESSAGE']._serialized_start=130
+  _globals['_CHATMESSAGE']._serialized_end=255
+  _globals['_CHATMESSAGES']._serialized_start=257
+  _globals['_CHATMESSAGES']._serialized_end=317
+  _globals['_TOOL']._serialized_start=319
+  _globals['_TOOL']._serialized_end=385
+  _globals['_CHOICES']._serialized_start=387
+  _globals['_CHOICES']._serialized_end=413
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=416
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=566
+  _globals['_GENERATEREQUEST']._serialized_start=569
+  _globals['_GENERATEREQUEST']._serialized_end=1637
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1378
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1426
+  _globals['_USAGE']._serialized_start=1639
+  _globals['_USAGE']._serialized_end=1741
+  _globals['_TOPLOGPROBS']._serialized_start=1743
+  _globals['_TOPLOGPROBS']._serialized_end=1793
+  _globals['_PROMPTLOGPROB']._serialized_start=1795
+  _globals['_PROMPTLOGPROB']._serialized_end=1885
+  _globals['_GENERATERESPONSE']._serialized_start=1888
+  _globals['_GENERATERESPONSE']._serialized_end=2252
+  _globals['_GENERATION']._serialized_start=2255
+  _globals['_GENERATION']._serialized_end=2429
 # @@protoc_insertion_point(module_scope)

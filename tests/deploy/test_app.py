@@ -320,8 +320,9 @@ BAD_REQUESTS = [  # (path, body, status, param, message fragment)
     ("completions", GOOD | {"stop_token_ids": [10**12]}, 400, "stop_token_ids", "outside"),
     ("completions", GOOD | {"prompt": "word " * 100000}, 400, None, "cannot fit"),
     ("completions", GOOD | {"top_p": 0}, 400, "top_p", "top_p"),
-    ("completions", GOOD | {"n": 2}, 400, "n", "n=1"),
-    ("completions", GOOD | {"presence_penalty": 0.5}, 400, "presence_penalty", "only 0"),
+    ("completions", GOOD | {"n": 9}, 400, None, "exceeds the 8 concurrent sequences"),
+    ("completions", GOOD | {"presence_penalty": 2.5}, 400, "presence_penalty", "in [-2, 2]"),
+    ("completions", GOOD | {"logit_bias": {"99999": 1}}, 400, "logit_bias", "outside the"),
     ("completions", GOOD | {"frobnicate": True}, 400, "frobnicate", "Unrecognized"),
     ("completions", GOOD | {"prompt": [5] * 5000}, 400, None, "exceeds the model length"),
     ("completions", GOOD | {"max_tokens": 5000}, 400, None, "exceeds the model length"),
@@ -368,7 +369,7 @@ BAD_REQUESTS = [  # (path, body, status, param, message fragment)
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
         400,
         "top_logprobs",
-        "only 0",
+        "requires logprobs",
     ),
 ]
 

@@ -38,16 +38,25 @@ def test_prompt_forms():
         ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
         ({"model": "m", "prompt": "x", "seed": "1"}, "seed"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
-        ({"model": "m", "prompt": "x", "logprobs": 9}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
         ({"model": "m", "prompt": "x", "stream_options": {"bogus": 1}}, "stream_options.bogus"),
-        ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+        ({"model": "m", "prompt": "x", "echo": 1}, "echo"),
         ({"model": "m", "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
+        ({"model": "m", "prompt": "x", "logit_bias": {"a": 1.0}}, "logit_bias"),
+        ({"model": "m", "prompt": "x", "guided_regex": "[a-"}, "guided_regex"),
+        ({"model": "m", "prompt": "x", "guided_choice": []}, "guided_choice"),
+        (
+            {"model": "m", "prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}},
+            "structured_outputs",
+        ),
+        ({"model": "m", "prompt": "x", "response_format": {"type": "xml"}}, "response_format.type"),
         ({"model": "m", "prompt": 5}, "prompt"),
     ],
 )
 def test_bad_fields_are_named(body, param):
     with pytest.raises(InvalidParam) as info:
-        _parse(body)
+        _parse(body).sampling_fields(None)
     assert info.value.param == param and info.value.http_status == 400
 
 
@@ -62,17 +71,30 @@ def test_chat_request_parts_and_ignored_fields():
                 {
                     "role": "user",
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
-                    "tool_call_id": "ignored",
+                    "refusal": "ignored",
                 }
             ],
         },
         ChatCompletionRequest,
     )
     assert req.messages[0].as_template_input() == {"role": "user", "content": "ab"}
-    with pytest.raises(InvalidParam, match="tool calling"):
+    with pytest.raises(InvalidParam, match="tools.0.function"):
         _parse(
             {"model": "m", "messages": [], "tools": [{"type": "function"}]}, ChatCompletionRequest
         )
+    agentish = _parse(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "reasoning_effort": "high",
+            "chat_template_kwargs": {"enable_thinking": False},
+            "prompt_cache_key": "k",
+            "parallel_tool_calls": True,
+        },
+        ChatCompletionRequest,
+    )
+    assert agentish.warnings() == ["reasoning_effort is ignored by this server"]
+    assert agentish.template_kwargs()["template_kwargs"] == {"enable_thinking": False}
 
 
 def test_sampling_params_defaults_and_errors():
@@ -120,7 +142,8 @@ def test_completion_response_with_logprobs(tok):
     req = _parse({"model": "m", "prompt": "x", "logprobs": 0, "return_token_ids": True})
     fmt = CompletionFormat("cmpl-1", "m", tok, req)
     ids = tok.encode("hello world")
-    r = fmt.response(_out(ids, "hello world", True, "length", cached=2))
+    fmt.add(_out(ids, "hello world", True, "length", cached=2))
+    r = fmt.response()
     choice = r["choices"][0]
     assert choice["token_ids"] == ids and choice["finish_reason"] == "length"
     assert "".join(choice["logprobs"]["tokens"]) == "hello world"
@@ -144,13 +167,13 @@ def test_chat_stream_chunks(tok):
         ChatCompletionRequest,
     )
     fmt = ChatFormat("chatcmpl-1", "m", tok, req)
-    first = fmt.chunks(_out([5], "a"), first=True)
+    first = fmt.chunks(_out([5], "a"))
     assert [c["choices"][0]["delta"] for c in first] == [
         {"role": "assistant", "content": ""},
         {"content": "a"},
     ]
-    assert fmt.chunks(_out([6], ""), first=False) == []  # no text yet: nothing to send
-    last = fmt.chunks(_out([7], "b", True, "stop"), first=False)
+    assert fmt.chunks(_out([6], "")) == []  # no text yet: nothing to send
+    last = fmt.chunks(_out([7], "b", True, "stop"))
     assert last[-1]["choices"][0] == {
         "index": 0,
         "delta": {},
@@ -158,5 +181,5 @@ def test_chat_stream_chunks(tok):
         "finish_reason": "stop",
     }
     assert all(c["usage"] is None for c in first + last)
-    assert fmt.usage_chunk(_out([7], "", True))["choices"] == []
+    assert fmt.usage_chunk()["choices"] == []
     assert sse({"a": 1}) == b'data: {"a":1}\n\n'

@@ -195,6 +195,57 @@ def test_only_dense_replica_killed_streams_wait_for_its_replacement(cluster, ref
         serve.delete("one")
 
 
+async def _choices_with_a_kill(base: str, kill, seed: int) -> dict[int, list[int]]:
+    """One n=3 sampled stream; once every choice has some tokens, `kill()`."""
+    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": TOKENS, "temperature": 1.0,
+            "seed": seed, "n": 3, "ignore_eos": True, "return_token_ids": True,
+            "stream": True}  # fmt: skip
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    finished: set[int] = set()
+
+    async def read(http: httpx.AsyncClient) -> None:
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+                    for c in chunk["choices"]:
+                        got[c["index"]] += c.get("token_ids") or []
+                        if c["finish_reason"]:
+                            finished.add(c["index"])
+
+    async with httpx.AsyncClient(base_url=base, timeout=300) as http:
+        task = asyncio.create_task(read(http))
+        deadline = time.monotonic() + 120
+        while not all(len(g) >= 4 for g in got.values()):
+            assert time.monotonic() < deadline and not task.done(), "stream stalled or ended"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(kill)
+        await task
+    assert finished == {0, 1, 2}
+    return got
+
+
+def test_n_choices_survive_a_replica_kill_each_as_its_seeded_request(cluster, reference):
+    """An n > 1 stream whose replica dies: every choice continues (as an n=1 request with
+    seed + index, resumed from its tokens) and ends as the uninterrupted choice would."""
+    base = _deploy(cluster, "choices", _config(cluster.model_dir))
+    try:
+        (replica,) = _replica_actors("choices")
+        got = asyncio.run(_choices_with_a_kill(base, lambda: ray.kill(replica), seed=21))
+        for index, ids in got.items():
+            params = SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=21 + index,
+                                    ignore_eos=True)  # fmt: skip
+            want = reference.generate([PROMPTS[1]], params)[0].token_ids
+            assert len(ids) == TOKENS, f"choice {index}: a token was lost or sent twice"
+            same = sum(a == b for a, b in zip(ids, want, strict=True))
+            assert same == TOKENS, f"choice {index}: {TOKENS - same} tokens differ"
+        assert any("dense replica was lost" in e for e in _events("choices"))
+    finally:
+        serve.delete("choices")
+
+
 # ----------------------------------------------------------------------- readiness, shards
 def test_dead_shard_makes_readiness_not_serving_with_the_reason(cluster, tmp_path):
     import yaml
