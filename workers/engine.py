@@ -21,9 +21,15 @@ import torch
 
 from workers.requests import EngineConfig, Request, RequestError, RequestOutput, ResumeState
 from workers.runner import ModelRunner
-from workers.sampler import SamplingError, SamplingParams, prompt_logprobs, sample
+from workers.sampler import (
+    SamplingError,
+    SamplingParams,
+    prefetch_masks,
+    prompt_logprobs,
+    sample,
+)
 from workers.scheduler import Scheduler, Work
-from workers.structured import GrammarCompiler, GrammarError
+from workers.structured import GrammarCompiler, GrammarError, MaskPrefetch
 from workers.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -139,13 +145,16 @@ class Engine:
         if not work:
             return outputs
         start = time.perf_counter()
+        masks = prefetch_masks(  # grammar masks fill on a thread while the model runs
+            [w.request.sampling for w in work if w.sample], self.runner.config.vocab_size
+        )
         try:
             logits = self.run(work)
         except Exception as exc:  # a failed step poisons the caches of exactly these requests
             log.exception("step failed; aborting %d requests", len(work))
             return outputs + [o for w in work for o in self._finish(w.request, "error", str(exc))]
         forked = self.scheduler.after_step(work)
-        outputs += self.post_process(work, logits, forked)
+        outputs += self.post_process(work, logits, forked, masks)
         self._account(work, time.perf_counter() - start)
         return outputs
 
@@ -179,7 +188,11 @@ class Engine:
         req.record_prompt_logprobs(start, prompt_logprobs(logits[: len(targets)], targets, k))
 
     def post_process(
-        self, work: list[Work], logits: torch.Tensor, forked: dict[int, list[Request]]
+        self,
+        work: list[Work],
+        logits: torch.Tensor,
+        forked: dict[int, list[Request]],
+        masks: MaskPrefetch | None = None,
     ) -> list[RequestOutput]:
         """Sample every sampling request's next token (the choices forked this step from
         their parent's logits row, each with its own RNG), then stop checks and outputs."""
@@ -191,7 +204,8 @@ class Engine:
         if not sampled:
             return []
         logits = logits[rows] if len(rows) != logits.shape[0] else logits
-        result = sample(logits, [r.sampling for r in sampled], [r.generator() for r in sampled])
+        gens = [r.generator() for r in sampled]
+        result = sample(logits, [r.sampling for r in sampled], gens, masks)
         outputs = []
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
         for i, req in enumerate(sampled):

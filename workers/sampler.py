@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.structured import GrammarCompiler, GrammarState, allowed_tokens
+from workers.structured import GrammarCompiler, GrammarState, MaskPrefetch, allowed_tokens
 
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries (OpenAI's limit)
@@ -216,17 +216,25 @@ class Sampled:
 
 
 # ------------------------------------------------------------------------------ sampling
+def prefetch_masks(states: Sequence[SamplingState | None], vocab_size: int) -> MaskPrefetch | None:
+    """Start filling the grammar masks of these requests on a worker thread (call before the
+    forward pass; hand the result to `sample`). None when no request has a grammar."""
+    grammars = [s.grammar for s in states if s is not None and s.grammar is not None]
+    return MaskPrefetch(grammars, vocab_size) if grammars else None
+
+
 def sample(
     logits: torch.Tensor,
     states: Sequence[SamplingState],
     generators: Sequence[torch.Generator | None],
+    masks: MaskPrefetch | None = None,
 ) -> Sampled:
     """logits [B, V] fp32 -> the next token of every row (see the module docstring). Each
     full-vocabulary pass counts at B x 150k: one log-sum-exp of the raw logits (logprobs), one
     max of the processed ones (greedy tokens, rows left with nothing), and for sampled rows
     exp + cumsum + a binary search."""
     lse = torch.logsumexp(logits, dim=-1)  # [B] raw normaliser
-    x = process_logits(logits, states)
+    x = process_logits(logits, states, masks)
     best, tokens = x.max(dim=-1)  # [B]
     errors = _check_rows(best, states)
     rows = [i for i, s in enumerate(states) if not s.params.greedy and i not in errors]
@@ -263,9 +271,11 @@ def prompt_logprobs(
     return list(zip(chosen.tolist(), tops, strict=True))
 
 
-def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, states: Sequence[SamplingState], masks: MaskPrefetch | None = None
+) -> torch.Tensor:
     """Penalties, bias, min_tokens bans and grammar masks applied to a copy of logits [B, V]
-    (logits themselves when no row needs any)."""
+    (logits themselves when no row needs any). `masks`: rows filled ahead (prefetch_masks)."""
     if not any(s.processes for s in states):
         return logits
     x = logits.float().clone()
@@ -273,7 +283,7 @@ def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> tor
     _frequency_presence(x, states)
     _logit_bias(x, states)
     _min_tokens(x, states)
-    _grammar_masks(x, states)
+    _grammar_masks(x, states, masks)
     return x
 
 
@@ -317,11 +327,18 @@ def _min_tokens(x: torch.Tensor, states: Sequence[SamplingState]) -> None:
         x[torch.tensor(rows), torch.tensor(toks)] = _NEG_INF
 
 
-def _grammar_masks(x: torch.Tensor, states: Sequence[SamplingState]) -> None:
+def _grammar_masks(
+    x: torch.Tensor, states: Sequence[SamplingState], masks: MaskPrefetch | None
+) -> None:
     rows = [i for i, s in enumerate(states) if s.grammar is not None and s.error is None]
     if not rows:
         return
-    allowed = allowed_tokens([states[i].grammar for i in rows], x.shape[1])  # [G, V]
+    ready = masks.get() if masks is not None else {}
+    missing = [states[i].grammar for i in rows if id(states[i].grammar) not in ready]
+    if missing:  # not prefetched (e.g. choices forked this step): fill now
+        filled = allowed_tokens(missing, x.shape[1])
+        ready |= {id(g): filled[j] for j, g in enumerate(missing)}
+    allowed = torch.stack([ready[id(states[i].grammar)] for i in rows])  # [G, V]
     banned = allowed.logical_not_()
     if len(rows) == x.shape[0]:
         x.masked_fill_(banned, _NEG_INF)

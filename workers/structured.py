@@ -19,6 +19,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance as llg
@@ -169,6 +170,25 @@ def allowed_tokens(states: Sequence[GrammarState], vocab_size: int) -> torch.Ten
     # bit k of word w is token 32 w + k (little-endian words, bits unpacked LSB first)
     flat = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")  # [G, 32 W]
     return torch.from_numpy(flat[:, :vocab_size]).bool()
+
+
+_PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+
+
+class MaskPrefetch:
+    """The masks of some grammars, filled on a worker thread while the model runs (their next
+    tokens depend only on tokens already consumed). Nothing may advance these grammars before
+    `get` returns."""
+
+    def __init__(self, states: Sequence[GrammarState], vocab_size: int) -> None:
+        self.states = list(states)
+        self.vocab_size = vocab_size
+        self._future: Future = _PREFETCH.submit(allowed_tokens, self.states, vocab_size)
+
+    def get(self) -> dict[int, torch.Tensor]:
+        """id(state) -> its bool [V] row."""
+        rows = self._future.result()
+        return {id(state): rows[i] for i, state in enumerate(self.states)}
 
 
 def _short(message: str, limit: int = 400) -> str:

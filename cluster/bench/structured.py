@@ -8,10 +8,12 @@ Python standard library's sources) and measures, on it:
 * compile: the tokenizer view (once per process), and each grammar kind cold (JSON object,
   a tool's argument schema, the Qwen3-Coder tool-call grammar for 12 tools, a regex) and
   cached (a per-sequence copy of the compiled grammar);
-* per decode step at batch B: filling the masks of the constrained rows (one parallel call),
-  and the whole `sample()` of B rows with all rows constrained vs none (same logits, same
-  params otherwise), in interleaved rounds. The constrained rows sit at varied points of
-  their grammars (each advanced by a random number of valid tokens first).
+* per decode step at batch B: a stand-in for the model's forward (matmuls that keep the CPU
+  busy) followed by `sample()` of B rows: no grammar; all rows constrained with the masks
+  filled at sampling time; all rows constrained with the masks prefetched on a thread during
+  the forward (what the engine does). Same logits and params otherwise, interleaved rounds.
+  Also the mask fill alone. The constrained rows sit at varied points of their grammars
+  (each advanced by a random number of valid tokens first).
 
     expertmesh bench structured --batch 32 --steps 30 --repeats 3
 """
@@ -30,7 +32,7 @@ import torch
 
 from cluster.bench import machine_info, median
 from cluster.bench.report import machine_line, markdown_table, write_json, write_markdown
-from workers.sampler import SamplingParams, SamplingState, sample
+from workers.sampler import SamplingParams, SamplingState, prefetch_masks, sample
 from workers.structured import (
     GrammarCompiler,
     allowed_tokens,
@@ -39,6 +41,7 @@ from workers.structured import (
 )
 
 VOCAB = 151_936  # Qwen3-Next's logits width
+FORWARD_ROWS, FORWARD_MATMULS = 64, 8  # the forward stand-in (see run)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>")
 _PIECES = re.compile(r" ?\w+|\s+|[^\w\s]+")
 
@@ -205,17 +208,35 @@ def run(
 
     states = [fresh(i) for i in range(batch)]
     free = [SamplingState(SamplingParams(max_tokens=4096), [1], VOCAB) for _ in range(batch)]
-    mask_s, with_s, without_s = [], [], []
+    weight = torch.randn(2048, 2048, generator=gen) / 45
+    hidden = torch.randn(FORWARD_ROWS, 2048, generator=gen)
+
+    def forward() -> None:  # a stand-in for the model's forward pass of the step
+        h = hidden
+        for _ in range(FORWARD_MATMULS):
+            h = torch.tanh(h @ weight)
+
+    forward_runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        forward()
+        forward_runs.append(time.perf_counter() - t0)
+    forward_s = median(forward_runs)
+    modes = ("no grammar", "masks filled at sampling", "masks prefetched during the forward")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    mask_s: list[float] = []
     for r in range(repeats):
         for _ in range(steps):
             logits = torch.randn(batch, VOCAB, generator=gen)
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-            order = [True, False] if r % 2 == 0 else [False, True]
-            for constrained in order:
+            for mode in modes[r % 3 :] + modes[: r % 3]:  # a different one first each round
                 t0 = time.perf_counter()
-                result = sample(logits, states if constrained else free, gens)
-                (with_s if constrained else without_s).append(time.perf_counter() - t0)
-                if constrained:
+                masks = prefetch_masks(states, VOCAB) if mode == modes[2] else None
+                forward()
+                rows = free if mode == modes[0] else states
+                result = sample(logits, rows, gens, masks)
+                times[mode].append(time.perf_counter() - t0)
+                if mode != modes[0]:
                     tokens = result.tokens.tolist()
             t0 = time.perf_counter()
             allowed_tokens([s.grammar for s in states if s.grammar is not None], VOCAB)
@@ -236,8 +257,8 @@ def run(
         "llguidance_tokenizer_s": tokenizer_s,
         "compile": [{"grammar": n, "cold_ms": c, "copy_us": u} for n, c, u in compile_rows],
         "mask_fill_ms": median(mask_s) * 1e3,
-        "sample_constrained_ms": median(with_s) * 1e3,
-        "sample_free_ms": median(without_s) * 1e3,
+        "forward_standin_ms": forward_s * 1e3,
+        "step_ms": {m: median(v) * 1e3 for m, v in times.items()},
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,21 +267,19 @@ def run(
         ["grammar", "compile, cold (ms)", "per-sequence copy (us)"],
         [[n, f"{c:.2f}", f"{u:.1f}"] for n, c, u in compile_rows],
     )
+    steps_ms = results["step_ms"]
+    base = steps_ms[modes[0]]
     step_table = markdown_table(
-        [f"per decode step, B={batch}", "median (ms)"],
-        [
-            ["mask fill, all rows constrained", f"{results['mask_fill_ms']:.2f}"],
-            ["sample(), all rows constrained", f"{results['sample_constrained_ms']:.2f}"],
-            ["sample(), no grammar", f"{results['sample_free_ms']:.2f}"],
-        ],
+        [f"decode step, B={batch}: forward stand-in + sample()", "median (ms)", "x no grammar"],
+        [[m, f"{v:.2f}", f"{v / base:.2f}"] for m, v in steps_ms.items()]
+        + [["mask fill alone (all rows constrained)", f"{results['mask_fill_ms']:.2f}", ""]],
     )
-    extra = results["sample_constrained_ms"] - results["sample_free_ms"]
-    ratio = results["sample_constrained_ms"] / results["sample_free_ms"]
     intro = (
         f"{machine_line(results['machine'])}\n\nSynthetic byte-level vocabulary of {VOCAB:,} "
         f"tokens; llguidance's view of it built in {tokenizer_s * 1e3:.0f} ms (once per "
-        f"process). Masks add {extra:.2f} ms to a B={batch} step ({ratio:.2f}x the "
-        "unconstrained sampler). Preliminary unless run on a quiet machine."
+        f"process). The forward stand-in ({FORWARD_MATMULS} matmuls of [{FORWARD_ROWS}, 2048] "
+        f"x [2048, 2048], ~{forward_s * 1e3:.0f} ms) keeps the CPU busy as the model would. "
+        "Preliminary unless run on a quiet machine."
     )
     sections = [("Compile", compile_table), ("Per decode step", step_table)]
     write_markdown(out / "structured.md", "Structured outputs: grammar cost", sections, intro)

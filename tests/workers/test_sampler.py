@@ -26,6 +26,7 @@ from workers.sampler import (
     SamplingError,
     SamplingParams,
     SamplingState,
+    prefetch_masks,
     process_logits,
     sample,
 )
@@ -337,3 +338,21 @@ def test_resume_rebuilds_penalty_and_grammar_state(worker):
         engine(worker).add_request(
             "bad", [7], params, ResumeState(tuple(worker.tokenizer.encode("]")))
         )
+
+
+def test_prefetched_masks_equal_masks_filled_at_sampling(compiler, worker):
+    """The engine fills masks on a thread during the forward; rows it did not prefetch (a
+    choice forked this step) are filled at sampling time. Both give the same logits."""
+    vocab = compiler.vocab_size
+    states = [
+        SamplingState(SamplingParams(grammar=g), [1], vocab, [1023], compiler)
+        for g in (json_schema_grammar(SCHEMA), regex_grammar("[a-z]+"), None, choice_grammar(["x"]))
+    ]
+    states[0].replay(worker.tokenizer.encode('{"name": "ab'))
+    x = torch.randn(len(states), vocab)
+    plain = process_logits(x, states)
+    for subset in (states, states[:2]):  # all prefetched; some left for sampling time
+        masks = prefetch_masks(subset, vocab)
+        assert torch.equal(process_logits(x, states, masks), plain)
+    assert prefetch_masks([states[2], None], vocab) is None
+    assert torch.isneginf(plain[3]).sum() == vocab - 1  # "x" is one token here
