@@ -78,14 +78,16 @@ class GatedAttention(nn.Module):
         return o.reshape(b, self.heads, self.head_dim)
 
     def _prefill(self, q: torch.Tensor, keys: PrefillKeys, cache: HybridCache) -> torch.Tensor:
-        """q [n, Hq, D], one sequence's new tokens -> [n, Hq, D] over its gathered blocks."""
+        """q [n, Hq, D], one sequence's new tokens -> [n, Hq, D] over its gathered blocks.
+        4-D inputs take torch's fused CPU kernel, which never materialises the [Hq, n, L]
+        scores (a 32K-token context stays within a few MB per chunk)."""
         k, v = cache.gather(self.layer, keys.blocks)  # [M, bs, Hkv, D]
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),  # [Hq, n, D]
-            k.view(-1, self.kv_heads, self.head_dim).transpose(0, 1),  # [Hkv, L, D]
-            v.view(-1, self.kv_heads, self.head_dim).transpose(0, 1),
-            attn_mask=keys.mask,  # [n, L]
+            q.transpose(0, 1)[None],  # [1, Hq, n, D]
+            k.view(-1, self.kv_heads, self.head_dim).transpose(0, 1)[None],  # [1, Hkv, L, D]
+            v.view(-1, self.kv_heads, self.head_dim).transpose(0, 1)[None],
+            attn_mask=keys.mask[None, None],  # [1, 1, n, L]
             scale=self.head_dim**-0.5,
             enable_gqa=self.heads != self.kv_heads,
         )
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
