@@ -9,6 +9,7 @@
     expertmesh bench quant                  # expert storage formats: fidelity and speed
     expertmesh bench profile                # decode-step profile, fused vs torch experts
     expertmesh bench structured             # grammar compile time and per-step mask cost
+    expertmesh bench cache                  # paged decode attention, KV eviction, long context
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -152,6 +153,17 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0)
     st.set_defaults(func=_structured, model=None, threads=None)
 
+    ca = sub.add_parser("cache", help="decode attention, KV eviction fidelity, long context")
+    common(ca)
+    ca.add_argument("--batch", type=int, default=64, help="decode attention: sequences")
+    ca.add_argument("--contexts", type=_ints, default=[200, 1000], help="decode attention")
+    ca.add_argument("--windows", type=_ints, default=[256, 1024], help="eviction: windows")
+    ca.add_argument("--sinks", type=int, default=64, help="eviction: sink tokens")
+    ca.add_argument("--prompt-len", type=int, default=4096, help="eviction: prompt tokens")
+    ca.add_argument("--long-contexts", type=_ints, default=[1024, 4096, 16384, 32000])
+    ca.add_argument("--steps", type=int, default=16, help="decode steps timed per point")
+    ca.set_defaults(func=_cache, repeats=1)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -214,6 +226,18 @@ def _structured(args: argparse.Namespace) -> int:
     builder = getattr(args, "tool_grammar_builder", None)  # deploy/ adds the tool-call grammar
     structured.run(args.batch, args.steps, args.repeats, args.seed, args.out, builder)
     _show(args.out, "structured")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from cluster.bench import cache
+
+    _setup(args)
+    if min(args.batch, args.prompt_len, args.steps) < 1 or args.sinks < 0:
+        raise UsageError("--batch, --prompt-len, --steps: must be >= 1; --sinks: >= 0")
+    cache.run(args.model, args.batch, args.contexts, args.windows, args.sinks, args.prompt_len,
+              args.long_contexts, args.steps, args.seed, out_dir=args.out)  # fmt: skip
+    _show(args.out, "cache")
     return 0
 
 
