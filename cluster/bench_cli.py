@@ -10,6 +10,7 @@
     expertmesh bench profile                # decode-step profile, fused vs torch experts
     expertmesh bench structured             # grammar compile time and per-step mask cost
     expertmesh bench cache                  # paged decode attention, KV eviction, long context
+    expertmesh bench agent                  # multi-turn agent trace, with/without prefix cache
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -164,6 +165,16 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     ca.add_argument("--steps", type=int, default=16, help="decode steps timed per point")
     ca.set_defaults(func=_cache, repeats=1)
 
+    ag = sub.add_parser("agent", help="multi-turn agent trace with and without prefix caching")
+    common(ag)
+    ag.add_argument("--sessions", type=int, default=4, help="concurrent agent sessions")
+    ag.add_argument("--turns", type=int, default=8)
+    ag.add_argument("--system-tokens", type=int, default=1500, help="system prompt + tools")
+    ag.add_argument("--tool-tokens", type=_range, default=(100, 600), metavar="MIN:MAX")
+    ag.add_argument("--output-tokens", type=int, default=32, help="assistant tokens per turn")
+    ag.add_argument("--peers", type=_peers, default=[], help="also run vllm (opt-in)")
+    ag.set_defaults(func=_agent, repeats=1)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -238,6 +249,20 @@ def _cache(args: argparse.Namespace) -> int:
     cache.run(args.model, args.batch, args.contexts, args.windows, args.sinks, args.prompt_len,
               args.long_contexts, args.steps, args.seed, out_dir=args.out)  # fmt: skip
     _show(args.out, "cache")
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from cluster.bench import agent
+
+    _setup(args)
+    if min(args.sessions, args.turns, args.system_tokens, args.output_tokens) < 1:
+        raise UsageError("--sessions, --turns, --system-tokens, --output-tokens: must be >= 1")
+    if "llama.cpp" in args.peers:
+        raise UsageError("--peers: the agent trace supports vllm")
+    agent.run(args.model, args.sessions, args.turns, args.system_tokens, args.tool_tokens,
+              args.output_tokens, args.peers, args.seed, out_dir=args.out)  # fmt: skip
+    _show(args.out, "agent")
     return 0
 
 
