@@ -92,6 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
         from cluster.plan import check_fits
 
         check_fits(config, config.model)
+    try:
+        cache_line(config)  # a cache budget that cannot hold one sequence: say so now
+    except ValueError as exc:
+        raise UsageError(f"dense.{exc}") from None
     run(config, verbose=args.verbose)
     # Everything is stopped and printed; the interpreter's native teardown (Ray's core worker,
     # gRPC) would take seconds more, so leave now.
@@ -229,6 +233,7 @@ def print_banner(con: Console, config: ClusterConfig) -> None:
     experts = f"{e.shards} expert shards" if e.shards else "experts local to each replica"
     replicas = d.autoscaling.min_replicas
     con.detail(f"cluster:    {experts}; {replicas} dense replica(s)")
+    con.detail(f"cache:      {cache_line(config)} per dense replica")
     if resolve_api_key(s.api_key):
         con.detail("API key:    required (Authorization: Bearer <key>)")
     example = json.dumps({"model": name, "prompt": "def fib(n):", "max_tokens": 16})
@@ -237,6 +242,18 @@ def print_banner(con: Console, config: ClusterConfig) -> None:
     con.detail(
         f"stop:       Ctrl-C or SIGTERM (in-flight requests get {s.drain_grace_s:g} s to finish)"
     )
+
+
+def cache_line(config: ClusterConfig) -> str:
+    """The hybrid cache's memory plan (each replica logs its own as it starts)."""
+    from workers.cache_config import plan_cache
+    from workers.config import ModelConfig, compute_dtype
+
+    d = config.dense
+    cache = d.cache_config()
+    model = ModelConfig.from_hf(config.model)
+    plan = plan_cache(model, compute_dtype(config.dtype), d.max_num_seqs, d.max_model_len, cache)
+    return f"{plan.describe()}; prefix caching {'on' if cache.caches_prefixes else 'off'}"
 
 
 def _ingresses() -> list[Any]:

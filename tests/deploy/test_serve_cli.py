@@ -75,6 +75,14 @@ def test_taken_port_fails_fast_naming_it(tiny, tmp_path, capsys):
     assert f"server.grpc_port: 127.0.0.1:{port} is not available" in err
 
 
+def test_a_cache_budget_too_small_for_one_sequence_exits_2(tiny, tmp_path, capsys):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("dense:\n  kv_cache_gb: 0.0001\n  max_model_len: 4096\n")
+    assert main(["serve", "--config", str(path), "--model", tiny]) == 2
+    err = capsys.readouterr().err
+    assert "dense.kv_cache: a budget of" in err and "kv_cache_gb=0.0001" in err
+
+
 def _cluster_yaml(path: Path, model: str, http: int, grpc: int, **extra) -> Path:
     config = {
         "model": model,
@@ -179,7 +187,8 @@ def test_expertmesh_serve_progress_banner_drain_and_clean_stop(tiny, tmp_path):
         out = server.output()
         for line in ("[1/4] starting Ray", "[2/4] starting 1 expert shards", "shard-0 loaded",
                      "[3/4] starting Ray Serve", "[4/4] deploying", f"{base}/v1", f"{base}/docs",
-                     f"127.0.0.1:{grpc_port}", "tiny-cli", "stop:       Ctrl-C"):  # fmt: skip
+                     f"127.0.0.1:{grpc_port}", "tiny-cli", "cache:      hybrid cache",
+                     "stop:       Ctrl-C"):  # fmt: skip
             assert line in out, f"{line!r} missing from:\n{out}"
         assert "RANDOM weights" not in out  # not the demo model
         client, ctx, lines = _stream_request(base, 2000)
