@@ -3,6 +3,8 @@ an agent's turns all reach the replica holding their prefix while other prompts 
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import ray
@@ -91,6 +93,16 @@ def complete(base_url: str, prompt: list[int]) -> dict:
     return r.json()
 
 
+async def burst(base_url: str, prompts: list[list[int]]) -> None:
+    """All at once (sequential requests on an idle pair stick to one replica: Serve routes
+    by its cached queue lengths), so queues build up and load decides."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as http:
+        bodies = [{"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0,
+                   "ignore_eos": True} for p in prompts]  # fmt: skip
+        for r in await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies)):
+            assert r.status_code == 200, r.text
+
+
 def test_an_agents_turns_follow_their_prefix_and_other_prompts_spread(two_replicas):
     conversation = [(7 * j) % 900 + 1 for j in range(300)]
     cached = []
@@ -100,6 +112,6 @@ def test_an_agents_turns_follow_their_prefix_and_other_prompts_spread(two_replic
     assert all(c["cached_tokens"] >= 256 for c in cached[1:]), cached
     hits = per_replica("prefix_cache_hit_tokens")
     assert sorted(v > 0 for v in hits.values()) == [False, True], hits  # one replica served it
-    for i in range(12):  # unrelated prompts: power-of-two choices on load
-        complete(two_replicas, [(31 * i + j) % 700 + 5 for j in range(70)])
+    unrelated = [[(31 * i + j) % 700 + 5 for j in range(70)] for i in range(16)]
+    asyncio.run(burst(two_replicas, unrelated))  # no known prefix: least loaded replica
     assert all(n > 0 for n in per_replica("finished").values())
