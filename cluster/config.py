@@ -163,6 +163,9 @@ class ServerConfig:
     max_body_mb: float = 8.0  # larger HTTP bodies / gRPC messages are refused (413)
     # a request whose dense replica died waits this long for a live one to resume on
     replica_loss_timeout_s: float = 60.0
+    # custom Ray resources the HTTP and gRPC ingress replicas need (e.g. a resource only the
+    # head node has, so that the front ends stay where the proxy is)
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,10 @@ def _validate(c: ClusterConfig) -> None:
         (c.server.max_body_mb > 0, "server.max_body_mb", "must be > 0"),
         (c.server.replica_loss_timeout_s > 0, "server.replica_loss_timeout_s", "must be > 0"),
     ]  # fmt: skip
+    for name, amount in c.server.resources.items():
+        rules.append((name not in ("CPU", "GPU", "memory", ""), f"server.resources.{name}",
+                      "custom resources only (each ingress takes 0.1 CPU)"))  # fmt: skip
+        rules.append((amount > 0, f"server.resources.{name}", "must be > 0"))
     for ok, key, message in rules:
         if not ok:
             raise ClusterConfigError(f"{key}: {message}")

@@ -56,6 +56,7 @@ from workers.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 10.0
+INGRESS_ACTOR = {"num_cpus": 0.1}
 OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed on a worker thread
 api = FastAPI(
     title="expertmesh",
@@ -136,7 +137,7 @@ class DenseReplica:
 
 
 @serve.deployment(
-    name="GrpcIngress", num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1}
+    name="GrpcIngress", num_replicas=1, max_ongoing_requests=64, ray_actor_options=INGRESS_ACTOR
 )
 class GrpcIngress:
     """grpc.aio server (Generation + health + reflection) in front of the dense replicas."""
@@ -245,7 +246,7 @@ api.openapi = _openapi
     name="OpenAIIngress",
     num_replicas=1,
     max_ongoing_requests=1024,
-    ray_actor_options={"num_cpus": 0.1},
+    ray_actor_options=INGRESS_ACTOR,
 )
 @serve.ingress(api)
 class OpenAIIngress:
@@ -528,8 +529,13 @@ def build_app(
         graceful_shutdown_timeout_s=s.drain_grace_s + 5,
     ).bind(model_dir, config, name)
     shards = config.experts.shards
-    grpc_ingress = GrpcIngress.bind(dense, model_dir, name, s, shards)
-    return OpenAIIngress.bind(dense, grpc_ingress, model_dir, name, s, shards, pool_owned_by_app)
+    front = {
+        "ray_actor_options": INGRESS_ACTOR | ({"resources": s.resources} if s.resources else {})
+    }
+    grpc_ingress = GrpcIngress.options(**front).bind(dense, model_dir, name, s, shards)
+    return OpenAIIngress.options(**front).bind(
+        dense, grpc_ingress, model_dir, name, s, shards, pool_owned_by_app
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -157,7 +157,9 @@ def run(
         elif start_pool:
             con.line(f"[2/{total}] expert pool already running: reusing it")
         with con.step(total - 1, total, f"starting Ray Serve (HTTP on {s.host}:{s.http_port})"):
-            serve.start(http_options={"host": s.host, "port": s.http_port})
+            serve.start(
+                proxy_location="HeadOnly", http_options={"host": s.host, "port": s.http_port}
+            )
         replicas = d.autoscaling.min_replicas
         what = f"deploying {replicas} dense replica(s) and the HTTP and gRPC front ends"
         with con.step(total, total, what, status=_deployment_status):

@@ -6,15 +6,12 @@ but not the health probes."""
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from dataclasses import dataclass
 
 import grpc
 import httpx
 import pytest
 import ray
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ray import serve
 
@@ -23,17 +20,20 @@ from cluster.launcher import init_ray
 from deploy.app import app_builder, build_app
 from deploy.bootstrap import pool_running
 from router.rpc import generate_pb2, generate_pb2_grpc
-from tests.deploy.helpers import free_port, wait_until
-from workers.dense_worker import DenseWorker
+from tests.deploy.helpers import (
+    STREAMS,
+    check_against_reference,
+    free_port,
+    http_status,
+    ingress_events,
+    reference_worker,
+    replica_actors,
+    streams_with_a_kill,
+    wait_until,
+)
 from workers.make_checkpoint import make_checkpoint
-from workers.requests import EngineConfig
-from workers.runner import ModelRunner
-from workers.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
-NEAR_TIE = 1e-3  # re-prefill vs recurrent decode differ by ~1e-5 in the logits
-STREAMS, TOKENS = 8, 96
-PROMPTS = [[(i * 37 + j * 11) % 900 + 5 for j in range(6 + 3 * i)] for i in range(STREAMS)]
 
 
 @dataclass
@@ -57,10 +57,8 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(cluster):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield DenseWorker(cluster.model_dir, "float32", EngineConfig(max_num_seqs=1))
-    torch.set_num_threads(threads)
+    with reference_worker(cluster.model_dir) as worker:
+        yield worker
 
 
 def _config(model_dir: str, **over) -> ClusterConfig:
@@ -79,94 +77,8 @@ def _deploy(cluster: Cluster, name: str, config: ClusterConfig, builder=None) ->
     app = builder() if builder else build_app(config, cluster.model_dir)
     serve.run(app, name=name, route_prefix=f"/{name}")
     base = f"{cluster.http}/{name}"
-    wait_until(lambda: _status(f"{base}/health/ready") == 200, 120, f"{name} to be ready")
+    wait_until(lambda: http_status(f"{base}/health/ready") == 200, 120, f"{name} to be ready")
     return base
-
-
-def _status(url: str, **kw) -> int:
-    try:
-        return httpx.get(url, timeout=10, **kw).status_code
-    except httpx.HTTPError:
-        return 0
-
-
-def _replica_actors(app: str, deployment: str = "DenseReplica") -> list:
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return [
-        ray.get_actor(a["name"], namespace=a["namespace"])
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(prefix)
-    ]
-
-
-async def _stream(http: httpx.AsyncClient, ids: list[int], got: list[int]) -> dict:
-    body = {
-        "model": "tiny",
-        "prompt": ids,
-        "max_tokens": TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    text, finish, usage = "", None, None
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            usage = chunk.get("usage") or usage
-            for choice in chunk["choices"]:
-                got += choice.get("token_ids") or []
-                text += choice["text"]
-                finish = choice["finish_reason"] or finish
-    return {"ids": list(got), "text": text, "finish": finish, "usage": usage}
-
-
-def _margins(worker: DenseWorker, prompt: list[int], out: list[int]) -> torch.Tensor:
-    runner = ModelRunner(worker.engine.runner.lm, worker.experts, 1)
-    logits = runner.step([(runner.allocate(), prompt + out[:-1])], all_logits=True)[0]
-    top2 = logits[len(prompt) - 1 :].topk(2, dim=-1).values
-    return top2[:, 0] - top2[:, 1]
-
-
-def _check_against_reference(worker: DenseWorker, results: list[dict]) -> None:
-    params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
-    refs = worker.generate(PROMPTS, params)
-    for prompt, got, ref in zip(PROMPTS, results, refs, strict=True):
-        assert got["finish"] == "length" and got["usage"]["completion_tokens"] == TOKENS
-        assert len(got["ids"]) == TOKENS, "a token was lost or sent twice"
-        pairs = enumerate(zip(got["ids"], ref.token_ids, strict=True))
-        diff = next((i for i, (a, b) in pairs if a != b), None)
-        if diff is not None:  # only a near-tie may flip after a re-prefill
-            margin = float(_margins(worker, prompt, ref.token_ids)[diff])
-            assert margin < NEAR_TIE, f"token {diff} differs with a logit margin of {margin}"
-            continue
-        assert got["text"] == ref.text
-
-
-async def _streams_with_a_kill(base: str, kill) -> list[dict]:
-    """STREAMS greedy streams; once each has some tokens, `kill()`; every stream's result."""
-    progress = [[] for _ in PROMPTS]
-    async with httpx.AsyncClient(base_url=base, timeout=300) as http:
-        tasks = [
-            asyncio.create_task(_stream(http, p, g)) for p, g in zip(PROMPTS, progress, strict=True)
-        ]
-        deadline = time.monotonic() + 120
-        while not all(len(g) >= 4 for g in progress):
-            assert time.monotonic() < deadline, f"streams stalled: {[len(g) for g in progress]}"
-            assert not any(t.done() for t in tasks), "a stream ended before the kill"
-            await asyncio.sleep(0.05)
-        await asyncio.to_thread(kill)
-        return await asyncio.gather(*tasks)
-
-
-def _events(app: str) -> list[str]:
-    handle = serve.get_deployment_handle("OpenAIIngress", app)
-    return [e[2] for e in handle.events.remote(0).result(timeout_s=30)]
 
 
 # ------------------------------------------------------------------------------- dense loss
@@ -175,11 +87,11 @@ def test_dense_replica_killed_mid_stream_resumes_on_the_other(cluster, reference
                                                                "max_replicas": 2}})  # fmt: skip
     base = _deploy(cluster, "two", config)
     try:
-        replicas = _replica_actors("two")
+        replicas = replica_actors("two")
         assert len(replicas) == 2
-        results = asyncio.run(_streams_with_a_kill(base, lambda: ray.kill(replicas[0])))
-        _check_against_reference(reference, results)
-        assert any("dense replica was lost" in e for e in _events("two"))
+        results = asyncio.run(streams_with_a_kill(base, lambda: ray.kill(replicas[0])))
+        check_against_reference(reference, results)
+        assert any("dense replica was lost" in e for e in ingress_events("two"))
     finally:
         serve.delete("two")
 
@@ -187,10 +99,10 @@ def test_dense_replica_killed_mid_stream_resumes_on_the_other(cluster, reference
 def test_only_dense_replica_killed_streams_wait_for_its_replacement(cluster, reference):
     base = _deploy(cluster, "one", _config(cluster.model_dir))
     try:
-        (replica,) = _replica_actors("one")
-        results = asyncio.run(_streams_with_a_kill(base, lambda: ray.kill(replica)))
-        _check_against_reference(reference, results)
-        assert _replica_actors("one") and _replica_actors("one")[0] != replica
+        (replica,) = replica_actors("one")
+        results = asyncio.run(streams_with_a_kill(base, lambda: ray.kill(replica)))
+        check_against_reference(reference, results)
+        assert replica_actors("one") and replica_actors("one")[0] != replica
     finally:
         serve.delete("one")
 
@@ -270,7 +182,7 @@ def test_dead_shard_makes_readiness_not_serving_with_the_reason(cluster, tmp_pat
             reply, call = stub.Check.with_call(health_pb2.HealthCheckRequest(service=""))
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert "no live replica" in dict(call.trailing_metadata())["reason"]
-        assert any("NOT READY" in e and "no live replica" in e for e in _events("shards"))
+        assert any("NOT READY" in e and "no live replica" in e for e in ingress_events("shards"))
     finally:
         serve.delete("shards")
     wait_until(lambda: not pool_running(), 60, "the app's expert pool to stop")
@@ -286,12 +198,12 @@ def test_api_key_guards_http_and_grpc_but_not_health(cluster):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=30)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-            assert _status(f"{base}/v1/models", headers=headers) == 401
+            assert http_status(f"{base}/v1/models", headers=headers) == 401
         r = httpx.post(f"{base}/v1/completions", json=body, headers=good, timeout=120)
         assert r.status_code == 200, r.text
-        assert _status(f"{base}/v1/models", headers=good) == 200
+        assert http_status(f"{base}/v1/models", headers=good) == 200
         for path in ("/health", "/health/live", "/health/ready"):
-            assert _status(f"{base}{path}") == 200
+            assert http_status(f"{base}{path}") == 200
         request = generate_pb2.GenerateRequest(
             model="tiny", token_ids=generate_pb2.TokenIds(ids=[5, 6]), max_tokens=2
         )
