@@ -7,6 +7,7 @@
     expertmesh bench e2e --concurrency 1,4,16,64 --peers llama.cpp,vllm   # side by side
     expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
     expertmesh bench quant                  # expert storage formats: fidelity and speed
+    expertmesh bench chaos                  # kill shards / replicas / nodes under load
     expertmesh bench profile                # decode-step profile, fused vs torch experts
     expertmesh bench structured             # grammar compile time and per-step mask cost
     expertmesh bench cache                  # paged decode attention, KV eviction, long context
@@ -175,6 +176,26 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     ag.add_argument("--peers", type=_peers, default=[], help="also run vllm (opt-in)")
     ag.set_defaults(func=_agent, repeats=1)
 
+    ch = sub.add_parser("chaos", help="faults under load: failures, recovery, latency, security")
+    common(ch)
+    ch.add_argument("--shards", type=int, default=4, help="expert shards")
+    ch.add_argument("--streams", type=int, default=64, help="concurrent greedy streams")
+    ch.add_argument("--max-tokens", type=int, default=48, help="tokens per stream")
+    ch.add_argument("--prompt-len", type=_range, default=(8, 48), metavar="MIN:MAX")
+    ch.add_argument("--dense-replicas", type=int, default=2)
+    ch.add_argument("--nodes", type=int, default=1, help="raylets (>= 2: a simulated cluster)")
+    ch.add_argument(
+        "--faults",
+        default="shard-kill,shard-sigkill,dense-kill",
+        help="comma-separated: shard-kill, shard-sigkill, dense-kill, node",
+    )
+    ch.add_argument(
+        "--no-security",
+        action="store_true",
+        help="skip the API key + cluster token + TLS throughput comparison",
+    )
+    ch.set_defaults(func=_chaos, repeats=1)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -327,6 +348,33 @@ def _roofline(args: argparse.Namespace) -> int:
     roofline.run(args.model, args.batches, args.shards, rounds=args.repeats,
                  bandwidth_mb=args.bandwidth_mb, seed=args.seed, out_dir=args.out)  # fmt: skip
     _show(args.out, "roofline")
+    return 0
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from cluster.bench import chaos, resolve_model
+
+    _setup(args)
+    builder = getattr(args, "serve_app_builder", None)
+    if builder is None:
+        raise UsageError("bench chaos: run it through the `expertmesh` command (deploy/)")
+    faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+    unknown = [f for f in faults if f not in chaos.FAULTS]
+    if unknown or not faults:
+        raise UsageError(f"--faults: expected some of {list(chaos.FAULTS)}, got {args.faults!r}")
+    if "node" in faults and args.nodes < 2:
+        raise UsageError("--faults node: needs --nodes >= 2 (a head and worker nodes)")
+    for name in ("shards", "streams", "max_tokens", "dense_replicas", "nodes"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1")
+    settings = chaos.Settings(
+        model_dir=str(resolve_model(args.model)), shards=args.shards, streams=args.streams,
+        max_tokens=args.max_tokens, prompt_len=args.prompt_len,
+        dense_replicas=args.dense_replicas, nodes=args.nodes, faults=faults, seed=args.seed,
+        security=not args.no_security,
+    )  # fmt: skip
+    chaos.run(settings, builder, Path(args.out))
+    _show(args.out, "chaos")
     return 0
 
 
