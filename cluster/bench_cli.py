@@ -8,6 +8,7 @@
     expertmesh bench peers install          # build llama.cpp, install vLLM CPU (cached)
     expertmesh bench quant                  # expert storage formats: fidelity and speed
     expertmesh bench chaos                  # kill shards / replicas / nodes under load
+    expertmesh bench startup --repo DIR     # `make serve` to ready, from a clean clone
     expertmesh bench profile                # decode-step profile, fused vs torch experts
     expertmesh bench structured             # grammar compile time and per-step mask cost
     expertmesh bench cache                  # paged decode attention, KV eviction, long context
@@ -196,6 +197,12 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     ch.set_defaults(func=_chaos, repeats=1)
 
+    st = sub.add_parser("startup", help="`make serve` to ready (cold / warm demo), Ctrl-C to exit")
+    st.add_argument("--repo", required=True, help="a clone with `make install` done")
+    st.add_argument("--runs", type=int, default=3, help="runs of each kind (median reported)")
+    st.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    st.set_defaults(func=_startup, repeats=1, model=None)
+
     pe = sub.add_parser("peers", help="install / show the peer engines (llama.cpp, vLLM CPU)")
     pe.add_argument("action", choices=["install", "status"])
     pe.add_argument("names", nargs="*", default=[], help="llama.cpp and/or vllm (default both)")
@@ -348,6 +355,16 @@ def _roofline(args: argparse.Namespace) -> int:
     roofline.run(args.model, args.batches, args.shards, rounds=args.repeats,
                  bandwidth_mb=args.bandwidth_mb, seed=args.seed, out_dir=args.out)  # fmt: skip
     _show(args.out, "roofline")
+    return 0
+
+
+def _startup(args: argparse.Namespace) -> int:
+    from cluster.bench import startup
+
+    if args.runs < 1:
+        raise UsageError("--runs: must be >= 1")
+    startup.run(Path(args.repo), args.runs, Path(args.out))
+    _show(args.out, "startup")
     return 0
 
 

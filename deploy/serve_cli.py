@@ -166,7 +166,7 @@ def run(
             deployed = True
             serve.run(build_app(config, config.model), name=APP_NAME, blocking=False)
         print_banner(con, config)
-        _watch(con, stop)
+        _watch(con, stop, pool=start_pool)
     finally:
         _teardown(con, serve, ray, pool, config, deployed, signals)
 
@@ -264,11 +264,12 @@ def _ingresses() -> list[Any]:
     return [serve.get_deployment_handle(n, APP_NAME) for n in ("OpenAIIngress", "GrpcIngress")]
 
 
-def _watch(con: Console, stop: threading.Event) -> None:
-    """Until stop: print the faults and recoveries the front ends saw (replica logs do not
-    reach this console)."""
+def _watch(con: Console, stop: threading.Event, pool: bool) -> None:
+    """Until stop: print the faults and recoveries the front ends saw and the expert pool's
+    events (replica and shard logs do not reach this console)."""
     handles = _ingresses()
     seen = [_last_event(h) for h in handles]
+    pool_events = PoolEvents() if pool else None
     while not stop.wait(WATCH_INTERVAL_S):
         for i, handle in enumerate(handles):
             try:
@@ -278,6 +279,39 @@ def _watch(con: Console, stop: threading.Event) -> None:
             for seq, _, message in events:
                 seen[i] = max(seen[i], seq)
                 con.line(message)
+        if pool_events is not None:
+            for message in pool_events.new():
+                con.line(message)
+
+
+class PoolEvents:
+    """New events of the expert pool's controller (`events_since(seq)`: shard faults,
+    replacements, scaling); nothing from a controller without them."""
+
+    def __init__(self) -> None:
+        self.seq: int | None = None
+        self.supported = True
+
+    def new(self) -> list[str]:
+        import ray
+
+        from cluster.controllers import NAMESPACE, PLACEMENT_CONTROLLER
+
+        if not self.supported:
+            return []
+        try:
+            controller = ray.get_actor(PLACEMENT_CONTROLLER, namespace=NAMESPACE)
+            events = ray.get(controller.events_since.remote(self.seq or 0), timeout=5)
+        except AttributeError:
+            self.supported = False
+            return []
+        except Exception:  # the controller is restarting: next time
+            return []
+        fresh = self.seq is None  # the first call only learns where the log is
+        self.seq = max([self.seq or 0, *(e["seq"] for e in events)])
+        if fresh:
+            return []
+        return [f"expert pool: {e['message']}" for e in events]
 
 
 def _last_event(handle: Any) -> int:
