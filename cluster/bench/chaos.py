@@ -216,7 +216,7 @@ class ChaosCluster:
             assert self._tmp is not None
             pki = write_pki(Path(self._tmp.name))
             experts |= {"token": "chaos-cluster-token", "bind_host": "127.0.0.1",
-                        "tls": {"cert": str(pki["cert"]), "key": str(pki["key"]),
+                        "tls": {"cert": str(pki["ip_cert"]), "key": str(pki["ip_key"]),
                                 "ca": str(pki["ca"])}}  # fmt: skip
             server["api_key"] = "chaos-api-key"
             self.headers = {"Authorization": "Bearer chaos-api-key"}
