@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from cluster.config import ClusterConfig, ServerConfig
+from cluster.config import ClusterConfig, ExpertsConfig, ServerConfig
 from deploy.auth import UNAUTHENTICATED_MESSAGE, bearer_token, key_matches, resolve_api_key
 from deploy.bootstrap import (
     attach_app_to_pool,
@@ -143,7 +143,12 @@ class GrpcIngress:
     """grpc.aio server (Generation + health + reflection) in front of the dense replicas."""
 
     async def __init__(
-        self, dense: Any, model_dir: str, model_name: str, server: ServerConfig, shards: int
+        self,
+        dense: Any,
+        model_dir: str,
+        model_name: str,
+        server: ServerConfig,
+        experts: ExpertsConfig,
     ) -> None:
         from deploy.grpc_api import start_server
 
@@ -159,8 +164,9 @@ class GrpcIngress:
         )
         self.address = f"{server.host}:{self.port}"
         self.monitor = ReadinessMonitor(
-            self.frontend.gate, dense.stats.remote, shards, None, on_change=health.update
-        )
+            self.frontend.gate, dense.stats.remote, experts.shards, None,
+            tls=experts.tls_files(), on_change=health.update,
+        )  # fmt: skip
         self.monitor.start()
 
     def get_address(self) -> str:
@@ -257,7 +263,7 @@ class OpenAIIngress:
         model_dir: str,
         model_name: str,
         server: ServerConfig,
-        shards: int,
+        experts: ExpertsConfig,
         pool_owned_by_app: bool = False,
     ) -> None:
         self.frontend = Frontend(
@@ -270,8 +276,9 @@ class OpenAIIngress:
         self.api_key = server.api_key
         self.max_body = int(server.max_body_mb * 2**20)
         self.monitor = ReadinessMonitor(
-            self.frontend.gate, dense.stats.remote, shards, self.frontend.events
-        )
+            self.frontend.gate, dense.stats.remote, experts.shards, self.frontend.events,
+            tls=experts.tls_files(),
+        )  # fmt: skip
         self.monitor.start()
         if pool_owned_by_app:  # `serve run`: the expert pool lives as long as this app
             attached = attach_app_to_pool(serve.get_replica_context().app_name)
@@ -528,13 +535,13 @@ def build_app(
         **(routing if d.prefix_routing else {}),
         graceful_shutdown_timeout_s=s.drain_grace_s + 5,
     ).bind(model_dir, config, name)
-    shards = config.experts.shards
+    experts = config.experts
     front = {
         "ray_actor_options": INGRESS_ACTOR | ({"resources": s.resources} if s.resources else {})
     }
-    grpc_ingress = GrpcIngress.options(**front).bind(dense, model_dir, name, s, shards)
+    grpc_ingress = GrpcIngress.options(**front).bind(dense, model_dir, name, s, experts)
     return OpenAIIngress.options(**front).bind(
-        dense, grpc_ingress, model_dir, name, s, shards, pool_owned_by_app
+        dense, grpc_ingress, model_dir, name, s, experts, pool_owned_by_app
     )
 
 

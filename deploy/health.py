@@ -108,6 +108,7 @@ class ReadinessMonitor:
         dense_probe: Callable[[], Awaitable[Any]],
         expert_shards: int,
         events: EventLog | None,
+        tls: Any = None,
         interval_s: float = 1.0,
         on_change: Callable[[Readiness], Awaitable[None]] | None = None,
     ) -> None:
@@ -121,7 +122,7 @@ class ReadinessMonitor:
         self._since = time.monotonic()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._pool = ExpertPoolProbe() if expert_shards > 0 else None
+        self._pool = ExpertPoolProbe(tls) if expert_shards > 0 else None
 
     def start(self) -> None:
         if self._task is None:
@@ -187,9 +188,11 @@ class ReadinessMonitor:
 
 class ExpertPoolProbe:
     """Is every (layer, expert) held by a live shard? Asks the pool controller's `status()`;
-    a controller without one is answered by probing each shard's gRPC health service."""
+    a controller without one is answered by probing each shard's gRPC health service (over
+    TLS when the expert RPC uses it: `tls` is the cluster's `router.security.TLSFiles`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Any = None) -> None:
+        self.tls = tls
         self._controller: Any = None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -238,7 +241,7 @@ class ExpertPoolProbe:
             return False
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = self._channel(address)
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
@@ -246,6 +249,15 @@ class ExpertPoolProbe:
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address)
+        from router.security import channel_credentials
+
+        options = [("grpc.ssl_target_name_override", self.tls.server_name)]
+        creds = channel_credentials(self.tls.ca)
+        return grpc.aio.secure_channel(address, creds, options if self.tls.server_name else None)
 
     async def close(self) -> None:
         for channel in self._channels.values():
