@@ -49,6 +49,10 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="fixed number of dense replicas (autoscaling min = max = N)",
     )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="Ray's and Serve's logs at INFO (same as `expertmesh -v serve`)",
+    )  # fmt: skip
     p.set_defaults(func=_serve)
     return p
 

@@ -215,9 +215,10 @@ class ChaosCluster:
 
             assert self._tmp is not None
             pki = write_pki(Path(self._tmp.name))
-            experts |= {"token": "chaos-cluster-token", "bind_host": "127.0.0.1",
-                        "tls": {"cert": str(pki["ip_cert"]), "key": str(pki["ip_key"]),
-                                "ca": str(pki["ca"])}}  # fmt: skip
+            experts |= {"token": "chaos-cluster-token",  # shards on the node IP: the
+                        "tls": {"cert": str(pki["name_cert"]),  # certificate names a host
+                                "key": str(pki["name_key"]), "ca": str(pki["ca"]),
+                                "server_name": "expertmesh-shard"}}  # fmt: skip
             server["api_key"] = "chaos-api-key"
             self.headers = {"Authorization": "Bearer chaos-api-key"}
         dense = {"num_cpus": 0.5, "max_num_seqs": s.streams, "max_queue": max(256, s.streams),
