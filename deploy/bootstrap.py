@@ -120,6 +120,11 @@ def serve_apps_exist(names: set[str]) -> bool:
     return any(name in apps for name in names)
 
 
+def pool_owner_running() -> bool:
+    """Whether the detached pool's owner actor (see PoolOwner) is alive."""
+    return _owner() is not None
+
+
 def pool_running() -> bool:
     from cluster.controllers import NAMESPACE, PLACEMENT_CONTROLLER
 
@@ -184,6 +189,8 @@ def stop_detached_pool() -> bool:
         return False
     try:
         ray.get(owner.shutdown.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        pass  # the owner stopped the pool and itself meanwhile (its app is gone)
     finally:
         ray.kill(owner)
     return True

@@ -20,7 +20,7 @@ from ray import serve
 from cluster.config import ClusterConfig
 from cluster.launcher import init_ray
 from deploy.app import app_builder, build_app
-from deploy.bootstrap import pool_running, stop_detached_pool
+from deploy.bootstrap import pool_owner_running, pool_running, stop_detached_pool
 from router.rpc import generate_pb2, generate_pb2_grpc
 from tests.deploy.helpers import free_port, wait_until
 from workers.dense_worker import DenseWorker
@@ -681,4 +681,5 @@ def test_app_builder_from_config_file_with_expert_shards(served, worker, tmp_pat
         serve.delete("sharded")
     # the detached pool was started for this app: it stops once the app is gone
     wait_until(lambda: not pool_running(), 60, "the app's expert pool to stop")
+    wait_until(lambda: not pool_owner_running(), 30, "the pool's owner to stop itself")
     assert not stop_detached_pool()
