@@ -6,6 +6,8 @@ but not the health probes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -21,7 +23,9 @@ from deploy.app import app_builder, build_app
 from deploy.bootstrap import pool_running
 from router.rpc import generate_pb2, generate_pb2_grpc
 from tests.deploy.helpers import (
+    PROMPTS,
     STREAMS,
+    TOKENS,
     check_against_reference,
     free_port,
     http_status,
@@ -32,6 +36,7 @@ from tests.deploy.helpers import (
     wait_until,
 )
 from workers.make_checkpoint import make_checkpoint
+from workers.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +149,7 @@ def test_n_choices_survive_a_replica_kill_each_as_its_seeded_request(cluster, re
     seed + index, resumed from its tokens) and ends as the uninterrupted choice would."""
     base = _deploy(cluster, "choices", _config(cluster.model_dir))
     try:
-        (replica,) = _replica_actors("choices")
+        (replica,) = replica_actors("choices")
         got = asyncio.run(_choices_with_a_kill(base, lambda: ray.kill(replica), seed=21))
         for index, ids in got.items():
             params = SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=21 + index,
@@ -153,7 +158,7 @@ def test_n_choices_survive_a_replica_kill_each_as_its_seeded_request(cluster, re
             assert len(ids) == TOKENS, f"choice {index}: a token was lost or sent twice"
             same = sum(a == b for a, b in zip(ids, want, strict=True))
             assert same == TOKENS, f"choice {index}: {TOKENS - same} tokens differ"
-        assert any("dense replica was lost" in e for e in _events("choices"))
+        assert any("dense replica was lost" in e for e in ingress_events("choices"))
     finally:
         serve.delete("choices")
 
