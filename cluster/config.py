@@ -135,6 +135,8 @@ class DenseConfig:
     prefix_routing: bool = True
     prefix_routing_imbalance: int = 8
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    # custom Ray resources each dense replica needs (e.g. one only the dense nodes have)
+    resources: dict[str, float] = field(default_factory=dict)
 
     def cache_config(self) -> CacheConfig:
         names = [f.name for f in dataclasses.fields(CacheConfig)]
@@ -271,6 +273,10 @@ def _validate(c: ClusterConfig) -> None:
         (c.server.max_body_mb > 0, "server.max_body_mb", "must be > 0"),
         (c.server.replica_loss_timeout_s > 0, "server.replica_loss_timeout_s", "must be > 0"),
     ]  # fmt: skip
+    for name, amount in c.dense.resources.items():
+        rules.append((name not in ("CPU", "GPU", "memory", ""), f"dense.resources.{name}",
+                      "use dense.num_cpus / num_gpus for CPU and GPU"))  # fmt: skip
+        rules.append((amount > 0, f"dense.resources.{name}", "must be > 0"))
     for name, amount in c.server.resources.items():
         rules.append((name not in ("CPU", "GPU", "memory", ""), f"server.resources.{name}",
                       "custom resources only (each ingress takes 0.1 CPU)"))  # fmt: skip

@@ -518,6 +518,7 @@ def build_app(
     s = dataclasses.replace(s, api_key=resolve_api_key(s.api_key))  # env var read here
     name = served_model_name(config, model_dir)
     actor = {"num_cpus": d.num_cpus} | ({"num_gpus": d.num_gpus} if d.num_gpus else {})
+    actor |= {"resources": dict(d.resources)} if d.resources else {}
     a = d.autoscaling
     autoscaling = {
         "min_replicas": a.min_replicas,

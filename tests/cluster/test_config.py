@@ -121,3 +121,14 @@ def test_expert_rpc_security_keys(tmp_path, monkeypatch):
            "ca": str(tmp_path / "ca.pem"), "server_name": "expertmesh-shard"}  # fmt: skip
     files = ClusterConfig.from_dict({"experts": {"tls": tls}}).experts.tls_files()
     assert files is not None and files.serves_tls and files.server_name == "expertmesh-shard"
+
+
+def test_dense_resources_are_custom_ray_resources():
+    c = ClusterConfig.from_dict({"dense": {"resources": {"dense_node": 1}}})
+    assert c.dense.resources == {"dense_node": 1.0}
+    for raw, message in [
+        ({"CPU": 1}, "dense.resources.CPU: use dense.num_cpus"),
+        ({"x": 0}, "dense.resources.x: must be > 0"),
+    ]:
+        with pytest.raises(ClusterConfigError, match=message):
+            ClusterConfig.from_dict({"dense": {"resources": raw}})

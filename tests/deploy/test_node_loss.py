@@ -30,6 +30,7 @@ from workers.make_checkpoint import make_checkpoint
 
 pytestmark = pytest.mark.slow
 HEAD = {"expertmesh_head": 1}
+DENSE = {"expertmesh_dense": 1}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def cluster():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": HEAD})
     for _ in range(2):
-        c.add_node(num_cpus=1)
+        c.add_node(num_cpus=1, resources=DENSE)
     c.wait_for_nodes()
     ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
     yield c
@@ -58,7 +59,7 @@ def test_worker_node_with_a_dense_replica_removed_under_load(cluster, model_dir)
     port = free_port()
     config = ClusterConfig.from_dict({
         "model": model_dir, "experts": {"shards": 0},
-        "dense": {"num_cpus": 1, "max_num_seqs": STREAMS,
+        "dense": {"num_cpus": 1, "max_num_seqs": STREAMS, "resources": {"expertmesh_dense": 1},
                   "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
         "server": {"http_port": port, "grpc_port": free_port(), "model_name": "tiny",
                    "resources": {"expertmesh_head": 0.01}},
