@@ -113,7 +113,9 @@ class ShardAutoscaler:
             return Decision("hold", current, "autoscaling is off")
         want = self.desired(busy, current)
         total = sum(busy.values())
-        load = f"busy {total:.2f} shard-equivalents over {current} shards (target {c.target_load})"
+        load = (
+            f"busy {total:.2f} shard-equivalents over {current} shards (target {c.target_load:.3g})"
+        )
         if current < c.min_shards:
             want = c.min_shards  # below the floor (e.g. after a loss): no delay
             self._want_up_since = now - c.upscale_delay_s

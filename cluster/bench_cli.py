@@ -13,6 +13,7 @@
     expertmesh bench structured             # grammar compile time and per-step mask cost
     expertmesh bench cache                  # paged decode attention, KV eviction, long context
     expertmesh bench agent                  # multi-turn agent trace, with/without prefix cache
+    expertmesh bench elastic                # rebalance / scale the expert pool under load
 
 Each writes NAME.json and NAME.md (and moe.png) under --out and prints the markdown.
 """
@@ -147,6 +148,23 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     pr.add_argument("--prompt-len", type=int, default=128)
     pr.add_argument("--steps", type=int, default=10, help="timed decode steps per path")
     pr.set_defaults(func=_profile, repeats=1)
+    el = sub.add_parser("elastic", help="elastic expert pool: rebalance, scale up/down, no "
+                        "failed request (a skewed checkpoint by default)")  # fmt: skip
+    common(el)
+    el.add_argument("--shards", type=int, default=4, help="shards at the start")
+    el.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    el.add_argument("--rise", type=float, default=2.0, help="rising load: concurrency x RISE")
+    el.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase")
+    el.add_argument("--prompt-len", type=int, default=32)
+    el.add_argument("--max-tokens", type=int, default=32)
+    el.add_argument(
+        "--redundant-per-shard",
+        type=int,
+        default=2,
+        help="rebalancer budget: extra (layer, expert) copies per shard per layer",
+    )
+    el.add_argument("--skew", default="16:4", help="default model: make-checkpoint --skew")
+    el.set_defaults(func=_elastic, repeats=1)
 
     st = sub.add_parser("structured", help="grammar compile time and per-step mask cost")
     st.add_argument("--batch", type=int, default=32, help="sequences per decode step")
@@ -336,6 +354,28 @@ def _setup(args: argparse.Namespace) -> None:
 def _show(out_dir: str, name: str) -> None:
     print(Path(out_dir, f"{name}.md").read_text())
     print(f"[written to {os.path.abspath(out_dir)}/{name}.json, {name}.md]")
+
+
+def _elastic(args: argparse.Namespace) -> int:
+    from cluster.bench import elastic
+
+    _setup(args)
+    if min(args.shards, args.concurrency, args.prompt_len, args.max_tokens) < 1:
+        raise UsageError("--shards, --concurrency, --prompt-len, --max-tokens: must be >= 1")
+    if args.rise <= 1 or args.phase_s <= 0 or args.redundant_per_shard < 0:
+        raise UsageError("--rise must be > 1, --phase-s > 0, --redundant-per-shard >= 0")
+    model = args.model or str(elastic.skewed_demo(args.skew, args.seed))
+    source = f"--model {args.model}" if args.model else f"--skew {args.skew}"
+    command = (f"expertmesh bench elastic {source} --shards {args.shards} --concurrency "
+               f"{args.concurrency} --rise {args.rise:g} --phase-s {args.phase_s:g} "
+               f"--prompt-len {args.prompt_len} --max-tokens {args.max_tokens} "
+               f"--redundant-per-shard {args.redundant_per_shard} --seed {args.seed}")  # fmt: skip
+    elastic.run(model, shards=args.shards, concurrency=args.concurrency, rise=args.rise,
+                phase_s=args.phase_s, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
+                redundant_per_shard=args.redundant_per_shard, seed=args.seed,
+                out_dir=args.out, command=command)  # fmt: skip
+    _show(args.out, "elastic")
+    return 0
 
 
 def _moe(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`expertmesh` command line: make-checkpoint, generate, serve, bench, plan."""
+"""`expertmesh` command line: make-checkpoint, generate, serve, bench, plan, experts."""
 
 from __future__ import annotations
 
@@ -51,11 +51,13 @@ def build_parser(plugins: Sequence[Callable[[Any], Any]] = ()) -> argparse.Argum
     add_make_checkpoint(sub)
     _add_generate(sub)
     from cluster.bench_cli import add_cli as add_bench
+    from cluster.experts_view import add_cli as add_experts
     from cluster.plan import add_cli as add_plan
 
     for add in plugins:
         add(sub)
     add_bench(sub)
+    add_experts(sub)
     add_plan(sub)
     return parser
 

@@ -1,6 +1,7 @@
-"""Launch and tear down the distributed parts on Ray: expert shards, their placement
-controller, and dense workers. Joins an existing Ray cluster when given an address and
-starts a local one otherwise. Every actor is named (`expert-shard-{i}`, `dense-worker-{i}`)."""
+"""Launch and tear down the distributed parts on Ray: the expert pool (its controller, which
+starts and owns the shards) and dense workers. Joins an existing Ray cluster when given an
+address and starts a local one otherwise. Every actor is named (`expertmesh-placement`,
+`expert-shard-{n}`, `dense-worker-{i}`)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
-from cluster.controllers import NAMESPACE, PLACEMENT_CONTROLLER, PlacementController
+from cluster.controllers import NAMESPACE, PLACEMENT_CONTROLLER
+from cluster.pool_client import EventLog
 from router.placement import PlacementHandle, PlacementTable
-from workers.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = {"spread": "SPREAD", "strict_spread": "STRICT_SPREAD", "pack": "PACK"}
 READY_TIMEOUT_S = 600.0
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
 class LaunchError(RuntimeError):
@@ -50,23 +48,16 @@ def init_ray(address: str | None, min_cpus: float = 0.0) -> None:
             ray.shutdown()
 
 
-def _bundle(num_cpus: float, num_gpus: float) -> dict[str, float]:
-    bundle = {"CPU": num_cpus}
-    if num_gpus:
-        bundle["GPU"] = num_gpus
-    return bundle
-
-
 @dataclass
 class ExpertPool:
-    """The running expert shards of one model, and their placement controller."""
+    """A running expert pool: its controller actor (which owns the shard actors) and the
+    placement it started with. Live changes go through `controller` (cluster/controllers.py)."""
 
-    table: PlacementTable
-    shards: list[Any]  # actor handles
-    infos: list[dict[str, Any]]
     controller: Any
-    pg: Any
+    table: PlacementTable  # the first published table (the controller has the current one)
+    infos: list[dict[str, Any]]  # ready() of each first shard: shard_id, address, node_id
     config: ClusterConfig
+    events: EventLog | None = None  # prints the pool's events on this process's console
 
     @classmethod
     def start(
@@ -76,74 +67,68 @@ class ExpertPool:
         schedule_timeout_s: float = 60.0,
         on_shard_ready: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> ExpertPool:
-        """`on_shard_ready(index, ready() info)` is called as each shard has loaded (progress)."""
-        from workers.expert_shard import ExpertShardActor
+        """Start the controller, which starts the shards. `on_shard_ready(index, ready() info)`
+        is called as each first shard has loaded (progress)."""
+        from cluster.controllers import PoolController
 
-        e = config.experts
-        model = ModelConfig.from_hf(model_dir)
-        table = PlacementTable.contiguous(model.num_hidden_layers, model.num_experts, e.shards)
-        bundles = [_bundle(e.num_cpus, e.num_gpus)] * e.shards
-        pg = placement_group(bundles, strategy=STRATEGIES[e.placement], name="expertmesh-experts")
-        try:
-            ray.get(pg.ready(), timeout=schedule_timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            remove_placement_group(pg)
-            raise LaunchError(
-                f"placement group for {e.shards} expert shards ({e.placement}) could not be "
-                f"scheduled: STRICT_SPREAD needs one node per shard; cluster has "
-                f"{len([n for n in ray.nodes() if n['Alive']])} nodes"
-            ) from exc
-        actor_cls = ray.remote(ExpertShardActor)
-        shards = [
-            actor_cls.options(
-                name=f"expert-shard-{i}", namespace=NAMESPACE, num_cpus=e.num_cpus,
-                num_gpus=e.num_gpus, max_concurrency=64,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i),
-            ).remote(model_dir, spec.shard_id, spec.assignment(), config.dtype,
-                     max_message_mb=e.max_message_mb, torch_threads=max(1, int(e.num_cpus)),
-                     expert_dtype=e.dtype, token=e.cluster_token(), tls=e.tls_files(),
-                     host=e.bind_host)
-            for i, spec in enumerate(table.shards)
-        ]  # fmt: skip
-        try:
-            infos = _wait_ready(shards, on_shard_ready)
-        except Exception as exc:
-            _kill(shards)
-            remove_placement_group(pg)
-            raise LaunchError(f"expert shards failed to start: {exc}") from exc
-        table = table.with_addresses({info["shard_id"]: info["address"] for info in infos})
+        # on the head node: a worker node lost with shards must not take the controller along
         controller = (
-            ray.remote(PlacementController)
-            .options(name=PLACEMENT_CONTROLLER, namespace=NAMESPACE, num_cpus=0)
-            .remote(table, infos)
+            ray.remote(PoolController)
+            .options(
+                name=PLACEMENT_CONTROLLER,
+                namespace=NAMESPACE,
+                num_cpus=0,
+                max_concurrency=1000,
+                resources={HEAD_RESOURCE: 0.001},
+            )  # fmt: skip
+            .remote(model_dir, config)
         )
-        log.info("expert pool up: %d shards at %s", e.shards, [i["address"] for i in infos])
-        return cls(table, shards, infos, controller, pg, config)
+        try:
+            started, seq = _wait_started(controller, schedule_timeout_s, on_shard_ready)
+        except Exception as exc:
+            _kill([controller])
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            raise LaunchError(str(cause)) from None
+        infos = started["infos"]
+        log.info("expert pool up: %d shards %s", len(infos), [i["shard_id"] for i in infos])
+        pool = cls(controller, started["table"], infos, config)
+        pool.events = EventLog(controller, seq).start()
+        return pool
+
+    @property
+    def shards(self) -> list[Any]:
+        """Actor handles of the shards running now (table order)."""
+        return list(self.shard_handles().values())
+
+    def shard_handles(self) -> dict[str, Any]:
+        """{shard_id: actor handle} of the shards running now."""
+        return ray.get(self.controller.shard_handles.remote())
 
     def shutdown(self) -> None:
-        for s in self.shards:
-            try:
-                ray.get(s.shutdown.remote(), timeout=10)
-            except Exception:  # already gone
-                pass
-        _kill([*self.shards, self.controller])
-        remove_placement_group(self.pg)
+        if self.events is not None:
+            self.events.stop()
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=60)
+        except Exception as exc:  # the controller is gone: its shards went with it
+            log.info("pool controller did not shut down cleanly: %s", exc)
+        _kill([self.controller])
 
 
-def _wait_ready(
-    shards: list[Any], on_ready: Callable[[int, dict[str, Any]], None] | None
-) -> list[dict[str, Any]]:
-    """Every shard's ready() info, in shard order; `on_ready` hears of each as it comes."""
-    refs = [s.ready.remote() for s in shards]
-    index = {ref: i for i, ref in enumerate(refs)}
-    pending, deadline = list(refs), time.monotonic() + READY_TIMEOUT_S
-    while pending:
-        done, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        if not done:
-            raise ray.exceptions.GetTimeoutError(f"shards not ready after {READY_TIMEOUT_S} s")
-        if on_ready is not None:
-            on_ready(index[done[0]], ray.get(done[0]))
-    return ray.get(refs)
+def _wait_started(controller: Any, schedule_timeout_s: float, on_ready) -> tuple[dict, int]:
+    """controller.start()'s result and the last event number seen; `on_ready` hears of each
+    shard_ready event while the shards load."""
+    ref = controller.start.remote(schedule_timeout_s)
+    deadline, seq = time.monotonic() + READY_TIMEOUT_S, 0
+    while True:
+        done, _ = ray.wait([ref], timeout=0.5)
+        for event in ray.get(controller.events_since.remote(seq), timeout=30):
+            seq = max(seq, event["seq"])
+            if event["kind"] == "shard_ready" and on_ready is not None:
+                on_ready(event["index"], event["info"])
+        if done:
+            return ray.get(ref), seq
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the expert pool did not start in {READY_TIMEOUT_S:.0f} s")
 
 
 def _kill(actors: list[Any]) -> None:
@@ -154,10 +139,15 @@ def _kill(actors: list[Any]) -> None:
             pass
 
 
-def connect_expert_backend(config: ClusterConfig):
-    """Inside a dense worker: a RemoteExpertBackend to the running pool (None = local experts)."""
+def connect_expert_backend(config: ClusterConfig, router_id: str | None = None):
+    """Inside a dense worker: the backend its model uses (None = local experts).
+
+    A RemoteExpertBackend to the running pool, wrapped in the counting wrapper, and a watcher
+    thread that keeps the router on the controller's newest table, acknowledges versions,
+    pushes the routed load and forwards shard faults (cluster/pool_client.py)."""
     if config.experts.shards == 0:
         return None
+    from cluster.pool_client import PoolExpertBackend, PoolWatcher
     from router.client import RemoteExpertBackend
 
     try:
@@ -165,13 +155,18 @@ def connect_expert_backend(config: ClusterConfig):
     except ValueError as exc:
         raise LaunchError("no expert pool is running (start one with ExpertPool.start)") from exc
     table = ray.get(controller.get.remote())
+    handle = PlacementHandle(table)
+    watcher = PoolWatcher(controller, handle, router_id, (PLACEMENT_CONTROLLER, NAMESPACE))
     e = config.experts
-    return RemoteExpertBackend(
-        PlacementHandle(table), timeout_s=e.rpc_timeout_s,
+    router = RemoteExpertBackend(
+        handle, timeout_s=e.rpc_timeout_s,
         recovery_timeout_s=e.recovery_timeout_s, hedge_after_s=e.hedge_after_s,
         token=e.cluster_token(), tls_ca=e.tls.ca, tls_server_name=e.tls.server_name,
-        max_message_mb=e.max_message_mb,
+        max_message_mb=e.max_message_mb, on_fault=watcher.on_fault,
     )  # fmt: skip
+    backend = PoolExpertBackend(router, watcher, table.num_layers, table.num_experts)
+    watcher.start()
+    return backend
 
 
 class _RemoteDenseWorker:

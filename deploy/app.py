@@ -20,6 +20,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from cluster.config import ClusterConfig, ExpertsConfig, ServerConfig
+from deploy import experts_admin
 from deploy.auth import UNAUTHENTICATED_MESSAGE, bearer_token, key_matches, resolve_api_key
 from deploy.bootstrap import (
     attach_app_to_pool,
@@ -332,7 +333,14 @@ class OpenAIIngress:
     async def metrics(self) -> Response:
         stats = await self.frontend.replica_stats(self.metrics.known_replicas + 1)
         self.metrics.update_engine(stats)
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = self.metrics.render() + await experts_admin.pool_metrics_text()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/admin/experts", summary="Expert pool: load per layer and shard (JSON)")
+    async def admin_experts(self, request: Request, top: int = 5) -> Response:
+        if (denied := self._check_key(request, "admin_experts")) is not None:
+            return denied
+        return await experts_admin.experts_response(top)
 
     async def drain(self, grace_s: float) -> dict[str, int]:
         return await _drain(self.frontend, self.monitor, grace_s)

@@ -72,3 +72,18 @@ def test_strict_spread_one_shard_per_node_and_generation_matches(cluster, model_
 def test_strict_spread_with_more_shards_than_nodes_is_a_clear_error(cluster, model_dir):
     with pytest.raises(LaunchError, match="STRICT_SPREAD needs one node per shard"):
         ExpertPool.start(model_dir, _config(model_dir, NODES + 1), schedule_timeout_s=5)
+
+
+def test_added_shard_lands_on_a_node_without_one(cluster, model_dir):
+    config = _config(model_dir, NODES - 1)
+    pool = ExpertPool.start(model_dir, config)
+    try:
+        first = {info["node_id"] for info in pool.infos}
+        assert len(first) == NODES - 1
+        added = ray.get(pool.controller.add_shard.remote(), timeout=300)
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert added["node_id"] in alive - first  # the one node without a shard
+        table = ray.get(pool.controller.get.remote())
+        assert added["shard_id"] in table.shard_ids and not table.uncovered()
+    finally:
+        pool.shutdown()

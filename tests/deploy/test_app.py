@@ -5,6 +5,8 @@ One app serves the whole module."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -677,9 +679,31 @@ def test_app_builder_from_config_file_with_expert_shards(served, worker, tmp_pat
         assert len(finished) == 2, f"expected 2 dense replicas, saw {finished}"
         assert all(n > 0 for n in finished.values()), f"a replica got no requests: {finished}"
         assert sum(finished.values()) == sent
+        check_pool_admin(f"{served.base_url}/sharded", routers=2)
     finally:
         serve.delete("sharded")
     # the detached pool was started for this app: it stops once the app is gone
     wait_until(lambda: not pool_running(), 60, "the app's expert pool to stop")
     wait_until(lambda: not pool_owner_running(), 30, "the pool's owner to stop itself")
     assert not stop_detached_pool()
+
+
+def check_pool_admin(base_url: str, routers: int) -> None:
+    """GET /admin/experts reports the pool (ready, the routed load both replicas pushed) and
+    /metrics carries the pool's counters and gauges."""
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        for _ in range(40):  # the replicas' watchers push their load about once a second
+            report = http.get("/admin/experts").json()
+            if sum(r["rows"] for r in report["layers"]) and report["metrics"]["routers"] >= routers:
+                break
+            time.sleep(0.5)
+        assert report["ready"] and report["version"] >= 1, report["status"]
+        assert sum(r["rows"] for r in report["layers"]) > 0
+        assert report["metrics"]["routers"] == routers
+        assert {s["state"] for s in report["shards"]} == {"up"}
+        assert not re.search(r"\d+\.\d+\.\d+\.\d+", json.dumps(report))  # no addresses
+        assert http.get("/admin/experts", params={"top": 0}).status_code == 400
+        text = http.get("/metrics").text
+    assert "# TYPE expertmesh_pool_routed_pairs_total counter" in text
+    assert "# TYPE expertmesh_pool_shards_up gauge" in text
+    assert 'expertmesh_pool_shard_up{shard="shard-0"} 1.0' in text
