@@ -5,6 +5,7 @@ address and starts a local one otherwise. Every actor is named (`expertmesh-plac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -71,6 +72,11 @@ class ExpertPool:
         is called as each first shard has loaded (progress)."""
         from cluster.controllers import PoolController
 
+        # the token as this process sees it (EXPERTMESH_CLUSTER_TOKEN may be set only here)
+        token = config.experts.cluster_token()
+        config = dataclasses.replace(
+            config, experts=dataclasses.replace(config.experts, token=token)
+        )
         # on the head node: a worker node lost with shards must not take the controller along
         controller = (
             ray.remote(PoolController)

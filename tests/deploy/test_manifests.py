@@ -83,3 +83,12 @@ def test_dockerfile_builds_the_image_the_manifest_names():
     for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", dockerfile, re.M):
         for src in line.split()[:-1]:  # the sources exist in the repository
             assert (ROOT / src).exists(), src
+
+
+def test_elastic_config_turns_the_pool_policies_on():
+    demo = load_config({"config": str(DEPLOY / "configs" / "demo.yaml")})
+    assert not demo.experts.rebalance.enabled and not demo.experts.autoscaling.enabled
+    elastic = load_config({"config": str(DEPLOY / "configs" / "elastic.yaml")})
+    e = elastic.experts
+    assert e.rebalance.enabled and e.autoscaling.enabled and e.redundant_per_shard == 2
+    assert e.autoscaling.min_shards <= e.shards <= e.autoscaling.max_shards
