@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 
+from cluster import shard_actors
 from cluster.autoscaler import ShardAutoscaler
 from cluster.config import ClusterConfig
 from cluster.expert_load import LoadWindow
 from cluster.healing import HealingMixin
-from cluster.pool_ops import PoolOpsMixin
+from cluster.pool_ops import LiveOpError, PoolOpsMixin
 from cluster.pool_policy import PoolPolicyMixin
 from cluster.rebalancer import Rebalancer
 from router.placement import PlacementError, PlacementTable, ShardSpec
@@ -212,6 +214,56 @@ class PoolController(PoolOpsMixin, HealingMixin, PoolPolicyMixin):
         }  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
+    async def start(self, schedule_timeout_s: float = 60.0) -> dict[str, Any]:
+        """Start `experts.shards` shards in one placement group; publish their table."""
+        e = self.config.experts
+        table = PlacementTable.contiguous(self.num_layers, self.num_experts, e.shards)
+        self._pg = shard_actors.gang_placement_group(self.config, e.shards)
+        try:
+            await asyncio.wait_for(self._pg.ready(), schedule_timeout_s)
+        except asyncio.TimeoutError:
+            shard_actors.remove_pg(self._pg)
+            self._pg = None
+            alive = len([n for n in ray.nodes() if n["Alive"]])
+            raise LiveOpError(
+                f"placement group for {e.shards} expert shards ({e.placement}) could not be "
+                f"scheduled: STRICT_SPREAD needs one node per shard; cluster has {alive} nodes"
+            ) from None
+        records = {}
+        for i, spec in enumerate(table.shards):
+            bundle = shard_actors.Bundle(self._pg, i)
+            handle = shard_actors.start_shard(
+                self.model_dir, self.config, spec.shard_id, spec.assignment(), bundle=bundle
+            )
+            records[spec.shard_id] = self._record(handle, bundle)
+        self._shards = records
+        try:
+            infos = await self._ready_all(e.health.start_timeout_s)
+        except Exception as exc:
+            await self._stop_all_shards(0.0)
+            raise LiveOpError(f"expert shards failed to start: {exc}") from exc
+        self._table = table
+        self._publish(table.with_addresses({i["shard_id"]: i["address"] for i in infos}),
+                      f"{e.shards} shards up")  # fmt: skip
+        self._start_loops()
+        return {"table": self._table, "infos": infos}
+
+    async def _ready_all(self, timeout_s: float) -> list[dict]:
+        """Every first shard's ready() info, in shard order; a `shard_ready` event as each
+        finishes loading (the starting process shows progress from those)."""
+        sids = list(self._shards)
+
+        async def one(index: int, sid: str) -> dict:
+            info = await self._shards[sid].handle.ready.remote()
+            self._shards[sid].node_id = info["node_id"]
+            pairs = sum(len(v) for v in info["experts"].values())
+            self._event("shard_ready", f"{sid} loaded {pairs} (layer, expert) copies",
+                        index=index, info=info)  # fmt: skip
+            return info
+
+        jobs = [one(i, sid) for i, sid in enumerate(sids)]
+        return list(await asyncio.wait_for(asyncio.gather(*jobs), timeout_s))
+
     def _start_loops(self) -> None:
         self._tasks = [
             asyncio.ensure_future(self._health_loop()),
