@@ -181,6 +181,7 @@ class FaultReport:
     near_ties: int
     different: int
     recovery_s: float | None
+    missing: str  # what was still missing when the wait ended ("" once whole)
     p99_latency_fault_s: float
     p99_latency_baseline_s: float
     p99_gap_fault_s: float
@@ -303,22 +304,29 @@ class ChaosCluster:
 
     def whole(self) -> bool:
         """Ready, every dense replica running and every shard up."""
+        return not self.missing()
+
+    def missing(self) -> str:
+        """What keeps the cluster from being whole ("" once it is)."""
         import httpx
         from ray import serve
 
-        if _get(httpx, f"{self.url}/health/ready") != 200:
-            return False
+        ready = _get(httpx, f"{self.url}/health/ready")
+        if ready != 200:
+            return f"/health/ready answers {ready}"
         app = serve.status().applications.get(APP)
         if app is None:
-            return False
+            return "the Serve app is gone"
         dense = app.deployments.get("DenseReplica")
         running = {str(k).split(".")[-1]: v for k, v in dense.replica_states.items()}
         names = {name for name, _ in self.dense_actors()}
-        if running.get("RUNNING", 0) < self.s.dense_replicas or len(names) < self.s.dense_replicas:
-            return False
+        want = self.s.dense_replicas
+        if running.get("RUNNING", 0) < want or len(names) < want:
+            return f"{running.get('RUNNING', 0)} of {want} dense replicas running ({running})"
         if names & self.killed_dense:  # Serve has not noticed the death yet
-            return False
-        return _live_shards() >= self.s.shards
+            return "Serve still lists the killed dense replica"
+        live = _live_shards()
+        return "" if live >= self.s.shards else f"{live} of {self.s.shards} expert shards up"
 
 
 def _node_id(self: Any) -> str:
@@ -377,7 +385,7 @@ def _fault_round(
         deadline = fired + s.recovery_timeout_s
         await asyncio.sleep(0.5)
         while time.monotonic() < deadline:
-            if await asyncio.to_thread(bench.whole):
+            if not await asyncio.to_thread(bench.missing):
                 return fired, time.monotonic() - fired
             await asyncio.sleep(0.5)
         return fired, None
@@ -472,12 +480,14 @@ def run(s: Settings, build_app: Callable[[Any, str], Any], out_dir: Path) -> dic
         for kind in s.faults:
             at = duration * rng.uniform(0.15, 0.6)
             streams, r0, r1, inj, fired, recovery = _fault_round(bench, prompts, s, kind, at, rng)
+            missing = "" if recovery is not None else bench.missing()
             equal, near, diff = _compare(streams, base, margins)
             lat, gap = _latencies(streams, fired)
             failed = [x for x in streams if not x.ok]
             reports.append(FaultReport(
                 fault=kind, target=inj.target, fired_at_s=fired - r0, failed=len(failed),
                 equal=equal, near_ties=near, different=diff, recovery_s=recovery,
+                missing=missing,
                 p99_latency_fault_s=percentile(lat, 99) if lat else float("nan"),
                 p99_latency_baseline_s=percentile(lat_b, 99),
                 p99_gap_fault_s=percentile(gap, 99) if gap else float("nan"),
@@ -525,7 +535,7 @@ def write_outputs(out: dict[str, Any], out_dir: Path) -> None:
     rows = [
         [r["fault"], r["target"], f"{r['fired_at_s']:.1f}", r["failed"],
          f"{r['equal']}/{s['streams']}", r["near_ties"], r["different"],
-         "not whole" if r["recovery_s"] is None else f"{r['recovery_s']:.1f}",
+         f"not whole: {r['missing']}" if r["recovery_s"] is None else f"{r['recovery_s']:.1f}",
          r["p99_latency_fault_s"], r["p99_latency_baseline_s"], r["p99_gap_fault_s"],
          r["p99_gap_baseline_s"]]
         for r in out["faults"]
