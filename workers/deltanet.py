@@ -50,22 +50,29 @@ class GatedDeltaNet(nn.Module):
         """x [T, H] -> [T, H]; advances each sequence's conv and recurrent state."""
         t = x.shape[0]
         mixed, z, b, a = self._project(x)  # [T, C], [T, Hv, Dv], [T, Hv], [T, Hv]
-        beta = torch.sigmoid(b)
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # [T, Hv] log decay
+        beta, g = self.gates(b, a)
         core = torch.empty(t, self.hv, self.dv, dtype=torch.float32)
         if layout.decode:
             self._decode(mixed, g, beta, [layout.spans[i] for i in layout.decode], cache, core)
         for i in layout.prefill:
-            self._prefill(mixed, g, beta, layout.spans[i], cache, core)
+            self.prefill(mixed, g, beta, layout.spans[i], cache, core)
         out = self.norm(core.to(x.dtype), z)  # [T, Hv, Dv]
         return self.out_proj(out.reshape(t, self.value_dim))
 
+    def gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """b, a [T, Hv] -> beta (write strength) and g (log decay, fp32) [T, Hv]."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        return torch.sigmoid(b), g
+
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        t = x.shape[0]
-        qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * self.r * self.dv)
+        return self.regroup(self.in_proj_qkvz(x), self.in_proj_ba(x))
+
+    def regroup(self, qkvz: torch.Tensor, ba: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Projections [T, Hk*(2Dk + 2rDv)], [T, 2Hv] -> mixed [T, C], z [T, Hv, Dv], b, a."""
+        t = qkvz.shape[0]
+        qkvz = qkvz.view(t, self.hk, 2 * self.dk + 2 * self.r * self.dv)
         q, k, v, z = qkvz.split([self.dk, self.dk, self.r * self.dv, self.r * self.dv], dim=-1)
-        ba = self.in_proj_ba(x).view(t, self.hk, 2 * self.r)
-        b, a = ba.split([self.r, self.r], dim=-1)
+        b, a = ba.reshape(t, self.hk, 2 * self.r).split([self.r, self.r], dim=-1)
         # [T, Hk, r*Dv] -> [T, Hv, Dv]: value head j belongs to key head j // r
         mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1)  # [T, C]
         z = z.reshape(t, self.hv, self.dv)
@@ -96,7 +103,8 @@ class GatedDeltaNet(nn.Module):
         )
         core[rows] = o
 
-    def _prefill(self, mixed, g, beta, span: SeqSpan, cache: HybridCache, core) -> None:
+    def prefill(self, mixed, g, beta, span: SeqSpan, cache: HybridCache, core) -> None:
+        """One prefill span: conv over its tokens, chunked delta rule; core[rows] (fp32)."""
         conv_state, ssm_state = cache.conv[self.layer], cache.ssm[self.layer]
         s = span.slot
         seq = mixed[span.rows].t().unsqueeze(0)  # [1, C, n]

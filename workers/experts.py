@@ -92,6 +92,10 @@ class ExpertWeights:
             local = torch.full((max(ids, default=-1) + 1,), -1, dtype=torch.long)
             local[list(ids)] = torch.arange(len(ids))
             self._local[layer] = local
+        # layers holding experts 0..E-1 in row order: global ids are already rows
+        self._identity = {
+            layer: ids == tuple(range(len(ids))) for layer, ids in self.experts.items()
+        }
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -366,7 +370,10 @@ class LocalExpertBackend:
     def submit(
         self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> DoneHandle:
-        return DoneHandle(self.weights.compute(layer, hidden, ids, weights))
+        w = self.weights
+        if w._identity.get(layer, False):  # ids from our own router are rows: no lookup
+            return DoneHandle(grouped_swiglu(hidden, ids, weights, w.w13[layer], w.w2[layer]))
+        return DoneHandle(w.compute(layer, hidden, ids, weights))
 
 
 def naive_experts(

@@ -64,37 +64,59 @@ class StepLayout:
     slot_mapping: torch.Tensor  # [T] KV row of every token
     decode: tuple[int, ...]  # indices of single-token spans (batched paths)
     prefill: tuple[int, ...]  # indices of the other spans (one at a time)
-    batch: DecodeBatch | None  # the decode spans' tables and mask
+    batch: DecodeBatch | None  # the decode spans' gathered tables and mask (eager path)
     prefill_keys: tuple[PrefillKeys, ...]  # per prefill span (same order as `prefill`)
+    decode_rows: torch.Tensor  # [B] rows of the decode spans' tokens
+    decode_slots: torch.Tensor  # [B] their slots
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.numel())
 
     @classmethod
-    def build(cls, slots_and_lengths: list[tuple[int, int]], cache: HybridCache) -> StepLayout:
-        """[(slot, new tokens)] -> layout; the slots must hold blocks for the new tokens."""
+    def build(
+        cls, slots_and_lengths: list[tuple[int, int]], cache: HybridCache, tables: bool = True
+    ) -> StepLayout:
+        """[(slot, new tokens)] -> layout; the slots must hold blocks for the new tokens.
+        tables=False skips the decode spans' gathered block lists and key mask (`batch`):
+        the fused decode attention reads the block table itself."""
         spans, offset = [], 0
+        lengths = cache.lengths
         for slot, n in slots_and_lengths:
             if n <= 0:
                 raise ValueError(f"slot {slot}: a span needs at least one token")
             if not cache.is_allocated(slot):
                 raise ValueError(f"slot {slot} is not allocated")
-            spans.append(SeqSpan(slot, cache.lengths[slot], n, offset))
+            spans.append(SeqSpan(slot, lengths[slot], n, offset))
             offset += n
         if len({s.slot for s in spans}) != len(spans):
             raise ValueError("a slot appears twice in one step")
-        counts = torch.tensor([s.length for s in spans])
-        token_slot = torch.tensor([s.slot for s in spans]).repeat_interleave(counts)  # [T]
-        starts = torch.tensor([s.start - s.offset for s in spans]).repeat_interleave(counts)
-        positions = starts + torch.arange(offset)  # [T]
-        bs = cache.block_size
-        slot_mapping = cache.block_table[token_slot, positions // bs] * bs + positions % bs
         decode = tuple(i for i, s in enumerate(spans) if s.length == 1)
         prefill = tuple(i for i, s in enumerate(spans) if s.length > 1)
-        batch = _decode_batch([spans[i] for i in decode], cache) if decode else None
+        bs = cache.block_size
+        if not prefill:  # decode only: one token per span, no repeats to build
+            token_slot = torch.tensor([s.slot for s in spans])
+            positions = torch.tensor([s.start for s in spans])
+            rows = torch.arange(len(spans))
+            decode_slots = token_slot
+            tables_ = cache.tables
+            slot_mapping = torch.tensor(
+                [tables_[s.slot][s.start // bs] * bs + s.start % bs for s in spans]
+            )
+        else:
+            counts = torch.tensor([s.length for s in spans])
+            token_slot = torch.tensor([s.slot for s in spans]).repeat_interleave(counts)  # [T]
+            starts = torch.tensor([s.start - s.offset for s in spans]).repeat_interleave(counts)
+            positions = starts + torch.arange(offset)  # [T]
+            rows = torch.tensor([spans[i].offset for i in decode], dtype=torch.long)
+            decode_slots = torch.tensor([spans[i].slot for i in decode], dtype=torch.long)
+            slot_mapping = cache.block_table[token_slot, positions // bs] * bs + positions % bs
+        batch = _decode_batch([spans[i] for i in decode], cache) if decode and tables else None
         keys = tuple(_prefill_keys(spans[i], cache) for i in prefill)
-        return cls(tuple(spans), positions, slot_mapping, decode, prefill, batch, keys)
+        return cls(
+            tuple(spans), positions, slot_mapping, decode, prefill, batch, keys, rows,
+            decode_slots,
+        )  # fmt: skip
 
 
 def _gathered(

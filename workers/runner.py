@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from workers import dense_kernel
 from workers.blocks import CacheFullError
 from workers.cache import HybridCache
 from workers.cache_config import CacheConfig
@@ -18,6 +19,7 @@ from workers.config import ModelConfig
 from workers.experts import ExpertBackend
 from workers.layout import StepLayout
 from workers.model import Qwen3NextLM
+from workers.native_step import NativeModel
 
 
 class ModelRunner:
@@ -30,6 +32,7 @@ class ModelRunner:
         micro_batches: int = 1,
         cache_config: CacheConfig | None = None,
         max_model_len: int = 4096,
+        native: bool | None = None,
     ) -> None:
         self.lm = lm
         self.config: ModelConfig = lm.config
@@ -38,6 +41,19 @@ class ModelRunner:
         # >1: ping-pong layers so dense compute hides remote expert calls; pays when the
         # shards run on other nodes, costs extra calls when they share this node's cores
         self.micro_batches = micro_batches
+        # fused C++ dense ops (workers/dense_kernel.py): None = wherever they load and the
+        # model and cache share a dtype they take; False = the eager torch reference
+        dtypes = {p.dtype for p in lm.parameters()} | {dtype}
+        possible = len(dtypes) == 1 and dense_kernel.supports(dtype)
+        if native and not possible:
+            raise ValueError(
+                f"native dense ops unavailable for {sorted(map(str, dtypes))}: "
+                f"{dense_kernel.status()['reason'] or 'model and cache dtypes differ'}"
+            )
+        self.native = possible if native is None else bool(native)
+        # the step's model: NativeModel binds the weights now (make a new runner after
+        # replacing parameters); the eager modules read them at every call
+        self.model = NativeModel(lm) if self.native else lm
 
     def allocate(self) -> int:
         return self.cache.allocate()
@@ -64,19 +80,22 @@ class ModelRunner:
         self._check_vocab(input_ids)
         self._reserve(batch)
         layouts = [
-            StepLayout.build([(slot, len(ids)) for slot, ids in p], self.cache) for p in parts
+            StepLayout.build([(slot, len(ids)) for slot, ids in p], self.cache, not self.native)
+            for p in parts
         ]
-        hiddens = self.lm.hidden_states(input_ids, layouts, self.cache, self.experts)  # [T_i, H]
+        hiddens = self.model.hidden_states(input_ids, layouts, self.cache, self.experts)  # [T_i, H]
         if all_logits:
             pairs = zip(hiddens, layouts, strict=True)
-            return [self.lm.logits(h[s.rows]) for h, lay in pairs for s in lay.spans]
+            return [self.model.logits(h[s.rows]) for h, lay in pairs for s in lay.spans]
+        if not full and len(hiddens) == 1 and not layouts[0].prefill:  # decode: all last tokens
+            return self.model.logits(hiddens[0])
         pairs = list(zip(hiddens, layouts, strict=True))
         last = [h[[s.offset + s.length - 1 for s in lay.spans]] for h, lay in pairs]
-        logits = self.lm.logits(torch.cat(last))  # [B, V] in batch order
+        logits = self.model.logits(torch.cat(last))  # [B, V] in batch order
         if not full:
             return logits
         spans = [(h, s) for h, lay in pairs for s in lay.spans]  # batch order
-        return logits, {i: self.lm.logits(spans[i][0][spans[i][1].rows]) for i in full}
+        return logits, {i: self.model.logits(spans[i][0][spans[i][1].rows]) for i in full}
 
     def _reserve(self, batch: Sequence[tuple[int, Sequence[int]]]) -> None:
         cache = self.cache

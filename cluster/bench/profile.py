@@ -28,7 +28,7 @@ PATHS = ("fused", "torch")
 
 def _use(path: str, fused_ok: bool) -> None:
     """Switch grouped_swiglu between the fused op and torch (the kernel stays loaded)."""
-    expert_kernel._state["ok"] = path == "fused" and fused_ok
+    expert_kernel.LIBRARY.state["ok"] = path == "fused" and fused_ok
 
 
 @torch.inference_mode()

@@ -129,7 +129,7 @@ def test_mismatched_packs_are_rejected():
 def test_env_switch_turns_the_kernel_off_and_results_stay(monkeypatch):
     x, ids, w, w13, w2 = _random(T=5)
     fused = grouped_swiglu(x, ids, w, w13, w2)
-    monkeypatch.setattr(expert_kernel, "_state", {})
+    monkeypatch.setattr(expert_kernel.LIBRARY, "state", {})
     monkeypatch.setenv(expert_kernel.ENV, "torch")
     assert expert_kernel.load() is False
     assert expert_kernel.status()["reason"] == f"{expert_kernel.ENV}=torch"
@@ -138,10 +138,10 @@ def test_env_switch_turns_the_kernel_off_and_results_stay(monkeypatch):
 
 def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
     """No compiler: load() reports False with the reason, grouped_swiglu still computes."""
-    monkeypatch.setattr(expert_kernel, "_state", {})
+    monkeypatch.setattr(expert_kernel.LIBRARY, "state", {})
     monkeypatch.setenv("EXPERTMESH_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(expert_kernel, "SOURCE", tmp_path / "broken.cpp")
+    monkeypatch.setattr(expert_kernel.LIBRARY, "source", tmp_path / "broken.cpp")
     (tmp_path / "broken.cpp").write_text("this is not C++\n")
     assert expert_kernel.load() is False
     assert expert_kernel.status()["reason"]
