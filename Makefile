@@ -16,8 +16,8 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	@echo "expertmesh: installing $(TORCH) and the dependencies into $(VENV) (first time: a few minutes)"
 	@$(BIN)/pip install -q $(TORCH)
 	@$(BIN)/pip install -q -e .
-	@echo "expertmesh: building the fused CPU expert kernel (once, cached)"
-	@$(BIN)/python -m workers.expert_kernel
+	@echo "expertmesh: building the fused CPU kernels (experts, dense decode ops; once, cached)"
+	@$(BIN)/python -m workers.native
 	@touch $@
 
 $(VENV)/.test: $(VENV)/.base

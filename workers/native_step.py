@@ -146,7 +146,9 @@ class NativeModel:
         experts: ExpertBackend,
     ) -> list[torch.Tensor]:
         """Same contract as `Qwen3NextLM.hidden_states`."""
-        runs = [self._run(i, lay, cache, experts) for i, lay in zip(input_ids, layouts, strict=True)]
+        runs = [
+            self._run(i, lay, cache, experts) for i, lay in zip(input_ids, layouts, strict=True)
+        ]
         return _interleave(runs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
