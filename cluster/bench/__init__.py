@@ -79,7 +79,8 @@ def capture_moe_inputs(
 
         hooks.append(layer.post_attention_layernorm.register_forward_hook(hook))
     try:
-        runner = ModelRunner(model.lm, model.experts, max_seqs=count, dtype=DTYPE)
+        # the eager modules (their hooks record the inputs; the native step bypasses them)
+        runner = ModelRunner(model.lm, model.experts, max_seqs=count, dtype=DTYPE, native=False)
         for prompt in prompts:  # one sequence per step keeps the step small
             runner.step([(runner.allocate(), prompt)])
     finally:

@@ -68,8 +68,10 @@ class Decoder:
 
     def __init__(self, model: LoadedModel, prompts: list[list[int]], cache: CacheConfig) -> None:
         longest = max(map(len, prompts)) + 1024
+        # eager modules: AttentionClock times the attention layers by their hooks
         self.runner = ModelRunner(model.lm, model.experts, len(prompts), DTYPE,
-                                  cache_config=cache, max_model_len=longest)  # fmt: skip
+                                  cache_config=cache, max_model_len=longest,
+                                  native=False)  # fmt: skip
         self.slots = [self.runner.allocate() for _ in prompts]
         self.last = [self.prefill(s, p) for s, p in zip(self.slots, prompts, strict=True)]
 
@@ -166,8 +168,15 @@ def long_context(model: LoadedModel, contexts: Sequence[int], steps: int,
                  seed: int) -> dict[str, Any]:  # fmt: skip
     longest = max(contexts)
     prompt = random_prompts(1, longest, model.config.vocab_size, seed)[0]
-    runner = ModelRunner(model.lm, model.experts, 1, DTYPE, cache_config=CacheConfig(
-        prefix_caching=False), max_model_len=longest + steps * len(contexts) + 8)  # fmt: skip
+    runner = ModelRunner(
+        model.lm,
+        model.experts,
+        1,
+        DTYPE,
+        cache_config=CacheConfig(prefix_caching=False),
+        max_model_len=longest + steps * len(contexts) + 8,
+        native=False,
+    )  # fmt: skip  (eager: AttentionClock times the attention modules)
     slot = runner.allocate()
     clock = AttentionClock(model)
     rss0 = peak = _rss()

@@ -75,12 +75,14 @@ def ingress_events(app: str) -> list[str]:
 
 
 # -------------------------------------------------------------------------------- streams
-async def stream(http: httpx.AsyncClient, ids: list[int], got: list[int]) -> dict:
-    """One greedy streamed completion of TOKENS tokens; token ids accumulate in `got`."""
+async def stream(
+    http: httpx.AsyncClient, ids: list[int], got: list[int], tokens: int = TOKENS
+) -> dict:
+    """One greedy streamed completion of `tokens` tokens; token ids accumulate in `got`."""
     body = {
         "model": "tiny",
         "prompt": ids,
-        "max_tokens": TOKENS,
+        "max_tokens": tokens,
         "temperature": 0,
         "ignore_eos": True,
         "return_token_ids": True,
@@ -103,12 +105,16 @@ async def stream(http: httpx.AsyncClient, ids: list[int], got: list[int]) -> dic
     return {"ids": list(got), "text": text, "finish": finish, "usage": usage}
 
 
-async def streams_with_a_kill(base: str, kill: Callable[[], Any]) -> list[dict]:
-    """STREAMS greedy streams; once each has some tokens, `kill()`; every stream's result."""
+async def streams_with_a_kill(
+    base: str, kill: Callable[[], Any], tokens: int = TOKENS
+) -> list[dict]:
+    """STREAMS greedy streams of `tokens` tokens; once each has some tokens, `kill()`; every
+    stream's result."""
     progress: list[list[int]] = [[] for _ in PROMPTS]
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
         tasks = [
-            asyncio.create_task(stream(http, p, g)) for p, g in zip(PROMPTS, progress, strict=True)
+            asyncio.create_task(stream(http, p, g, tokens))
+            for p, g in zip(PROMPTS, progress, strict=True)
         ]
         deadline = time.monotonic() + 120
         while not all(len(g) >= 4 for g in progress):
@@ -143,16 +149,16 @@ def margins(worker: Any, prompt: list[int], out: list[int]) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
-def check_against_reference(worker: Any, results: list[dict]) -> None:
+def check_against_reference(worker: Any, results: list[dict], tokens: int = TOKENS) -> None:
     """Every stream complete, once each token, and equal to the undisturbed greedy run
     (outside near-ties)."""
     from workers.sampler import SamplingParams
 
-    params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     refs = worker.generate(PROMPTS, params)
     for prompt, got, ref in zip(PROMPTS, results, refs, strict=True):
-        assert got["finish"] == "length" and got["usage"]["completion_tokens"] == TOKENS
-        assert len(got["ids"]) == TOKENS, "a token was lost or sent twice"
+        assert got["finish"] == "length" and got["usage"]["completion_tokens"] == tokens
+        assert len(got["ids"]) == tokens, "a token was lost or sent twice"
         pairs = enumerate(zip(got["ids"], ref.token_ids, strict=True))
         diff = next((i for i, (a, b) in pairs if a != b), None)
         if diff is not None:  # only a near-tie may flip after a re-prefill

@@ -30,6 +30,8 @@ from workers.make_checkpoint import make_checkpoint
 
 pytestmark = pytest.mark.slow
 HEAD = {"expertmesh_head": 1}
+# removing a raylet takes seconds: streams long enough that the replica dies mid-stream
+TOKENS = 768
 DENSE = {"expertmesh_dense": 1}
 
 
@@ -77,8 +79,8 @@ def test_worker_node_with_a_dense_replica_removed_under_load(cluster, model_dir)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_of(dense[0]))
 
     results = asyncio.run(
-        streams_with_a_kill(base, lambda: cluster.remove_node(victim, allow_graceful=False))
+        streams_with_a_kill(base, lambda: cluster.remove_node(victim, allow_graceful=False), TOKENS)
     )
     with reference_worker(model_dir) as worker:
-        check_against_reference(worker, results)
+        check_against_reference(worker, results, TOKENS)
     assert any("dense replica was lost" in e for e in ingress_events("nodes"))
