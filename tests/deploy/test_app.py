@@ -126,8 +126,9 @@ def test_docs_and_openapi_list_every_route(served):
     assert httpx.get(f"{served.base_url}/docs").status_code == 200
     schema = httpx.get(f"{served.base_url}/openapi.json").json()
     paths = set(schema["paths"])
-    expected = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                "/health/live", "/health/ready", "/metrics"}  # fmt: skip
+    expected = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models",
+                "/v1/models/{model_id}", "/tokenize", "/detokenize", "/health", "/health/live",
+                "/health/ready", "/metrics", "/admin/experts"}  # fmt: skip
     assert expected <= paths, expected - paths
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     ref = body["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
