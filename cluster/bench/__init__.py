@@ -109,6 +109,21 @@ def time_call(fn: Callable[[], Any], min_time_s: float = 0.02) -> list[float]:
             return samples
 
 
+async def sse_lines(resp: Any) -> Any:
+    """Lines of a streamed HTTP response (server-sent events), split on "\n" only.
+
+    httpx's `aiter_lines` also splits on U+2028, U+0085 and the like, which JSON strings may
+    hold unescaped (random-weight models emit them), cutting one `data:` line in two."""
+    buffer = b""
+    async for chunk in resp.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", errors="replace").rstrip("\r")
+    if buffer:
+        yield buffer.decode("utf-8", errors="replace").rstrip("\r")
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from cluster.bench import DTYPE, LoadedModel, load_model, machine_info, median, resolve_model
+from cluster.bench import (
+    DTYPE,
+    LoadedModel,
+    load_model,
+    machine_info,
+    median,
+    resolve_model,
+    sse_lines,
+)
 from cluster.bench.report import machine_line, markdown_table, write_json, write_markdown
 from workers.cache_config import CacheConfig
 from workers.engine import Engine
@@ -138,7 +146,7 @@ class Peer(Contender):
                 async with client.stream("POST", path, json=body) as resp:
                     if resp.status_code != 200:
                         raise RuntimeError(f"{self.name}: HTTP {resp.status_code}")
-                    async for line in resp.aiter_lines():
+                    async for line in sse_lines(resp):
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         _, ids = peers.chunk_tokens("vllm", json.loads(line[6:]), len(out))

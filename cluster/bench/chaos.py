@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import machine_info, percentile, random_prompts
+from cluster.bench import machine_info, percentile, random_prompts, sse_lines
 from cluster.bench.report import markdown_table, write_json, write_markdown
 
 FAULTS = ("shard-kill", "shard-sigkill", "dense-kill", "node")
@@ -91,7 +91,7 @@ async def _one(http: Any, body: dict[str, Any], out: Stream, headers: dict[str, 
             if r.status_code != 200:
                 out.error = (await r.aread()).decode(errors="replace")[:200]
                 return
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])

@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from cluster.bench import DTYPE, expert_pool, load_model, machine_info, percentile, resolve_model
+from cluster.bench import (
+    DTYPE,
+    expert_pool,
+    load_model,
+    machine_info,
+    percentile,
+    resolve_model,
+    sse_lines,
+)
 from cluster.bench.report import machine_line, markdown_table, write_json, write_markdown
 from workers.sampler import SamplingParams
 
@@ -148,7 +156,7 @@ async def _http_clients(url: str, name: str, w: Workload) -> tuple[list[Record],
             async with client.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"HTTP {resp.status_code}: {await resp.aread()!r}")
-                async for line in resp.aiter_lines():
+                async for line in sse_lines(resp):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     now = time.perf_counter()

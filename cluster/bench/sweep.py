@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import machine_info, rotate
+from cluster.bench import machine_info, rotate, sse_lines
 from cluster.bench.e2e import (
     Record,
     Run,
@@ -54,7 +54,7 @@ async def _peer_clients(url: str, peer: str, w: Workload) -> tuple[list[Record],
             async with client.stream("POST", path, json=body) as resp:
                 if resp.status_code != 200:
                     raise RuntimeError(f"{peer}: HTTP {resp.status_code}: {await resp.aread()!r}")
-                async for line in resp.aiter_lines():
+                async for line in sse_lines(resp):
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])

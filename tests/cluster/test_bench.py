@@ -162,3 +162,26 @@ def test_e2e_through_serve(tiny, tmp_path):
     data = _load(tmp_path / "e2e.json")
     assert data["ours"]["mode"] == "serve" and "transformers" not in data
     assert data["ours"]["output_tokens"] == data["workload"]["output_tokens"]
+
+
+def test_sse_lines_split_on_newline_only():
+    """A JSON string may hold U+2028 / U+0085 unescaped: one data line stays one line, also
+    when the bytes arrive cut inside a character."""
+    import asyncio
+    import json
+
+    from cluster.bench import sse_lines
+
+    event = 'data: {"text": "a\u2028b\u0085c"}\r\n\r\ndata: [DONE]\n\n'.encode()
+
+    class Resp:
+        async def aiter_bytes(self):
+            for i in range(0, len(event), 5):
+                yield event[i : i + 5]
+
+    async def collect():
+        return [line async for line in sse_lines(Resp())]
+
+    lines = asyncio.run(collect())
+    assert lines == ['data: {"text": "a\u2028b\u0085c"}', "", "data: [DONE]", ""]
+    assert json.loads(lines[0][6:])["text"] == "a\u2028b\u0085c"
