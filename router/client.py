@@ -75,6 +75,7 @@ class RemoteExpertBackend:
         on_fault: Callable[[str, str], None] | None = None,
         max_message_mb: float = 256.0,
         probe_interval_s: float = 0.5,
+        local_sockets: bool = True,
     ) -> None:
         if isinstance(placement, PlacementTable):
             placement = PlacementHandle(placement)
@@ -83,7 +84,9 @@ class RemoteExpertBackend:
         self.hedge_after_s = hedge_after_s or None  # 0 / None: no hedging
         self.probe_interval_s = probe_interval_s
         self.on_fault = on_fault
-        self._channels = ShardChannels(max_message_mb, token, tls_ca, tls_server_name)
+        self._channels = ShardChannels(
+            max_message_mb, token, tls_ca, tls_server_name, local_sockets
+        )
         self._exclusions = Exclusions()
         self._steps, self._turn = itertools.count(), itertools.count()
         self._metrics = ClientMetrics()
@@ -115,7 +118,9 @@ class RemoteExpertBackend:
             raise UnknownExpertError(f"layer {layer} is not in the placement table")
         if int(ids.max()) >= table.num_experts:
             raise UnknownExpertError(f"expert {int(ids.max())} is not in the placement table")
-        step = Step(layer, hidden, ids, weights.float(), f"{next(self._steps)}:{layer}")
+        weights = weights.float()
+        wire.check_step(hidden, weights)
+        step = Step(layer, hidden, ids, weights, f"{next(self._steps)}:{layer}")
         shard_of = self._assign(table, step, pairs)
         covered = shard_of >= 0
         calls = self._build(table, step, pairs[covered], shard_of[covered])
@@ -129,6 +134,8 @@ class RemoteExpertBackend:
         out = self._metrics.snapshot()
         out["excluded_shards"] = sorted(self._exclusions.snapshot())
         out["placement_version"] = self.placement.version
+        kinds = list(self._channels.transports().values())
+        out["channels_unix"], out["channels_tcp"] = kinds.count("unix"), kinds.count("tcp")
         return out
 
     def reset_metrics(self) -> None:
@@ -214,6 +221,13 @@ class RemoteExpertBackend:
     async def _attempt(self, step: Step, call: planner.Call) -> bool:
         """Run `call` (hedged when slow); merge the first complete answer. False: every try
         was a shard fault (already recorded)."""
+        if self.hedge_after_s is None:  # the common path: no racing tasks
+            try:
+                part = await self._call(step, call)
+            except ShardFault:
+                return False
+            self._merge(step, (call,), (part,))
+            return True
         primary = asyncio.ensure_future(self._call_all(step, [call]))
         racers = {primary: [call]}
         try:
@@ -253,7 +267,10 @@ class RemoteExpertBackend:
     def _merge(self, step: Step, calls: Sequence[planner.Call], parts) -> None:
         start = time.perf_counter()
         for call, part in zip(calls, parts, strict=True):
-            step.out.index_add_(0, call.tokens, part.double())
+            if len(call.tokens) == len(step.out):  # every token (tokens are ascending)
+                step.out.add_(part)
+            else:
+                step.out.index_add_(0, call.tokens, part.double())
         self._metrics.add("combine_s", time.perf_counter() - start)
 
     async def _call_all(self, step: Step, calls: Sequence[planner.Call]) -> list[torch.Tensor]:

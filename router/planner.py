@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from router import wire
@@ -94,28 +95,34 @@ def build_calls(
 ) -> list[Call]:
     """One Call per shard in `shard_of_pair` ([N] indices for `pairs`, all >= 0).
 
-    hidden [T, H]; ids [T, K] long global ids; weights [T, K] float32."""
+    hidden [T, H]; ids [T, K] long global ids; weights [T, K] float32. The slicing runs in
+    numpy (a few microseconds per shard; the same in torch costs ~5x more in op dispatch)."""
     T, K = ids.shape
-    owner = torch.full((T * K,), -1, dtype=torch.long)
-    owner[pairs] = shard_of_pair
-    owner = owner.view(T, K)
-    ids32 = ids.to(torch.int32)
+    owner = np.full(T * K, -1, dtype=np.int64)
+    owner[pairs.numpy()] = shard_of_pair.numpy()
+    owner = owner.reshape(T, K)
+    rows, hidden_dtype = wire.tensor_array(hidden)
+    ids32 = ids.numpy().astype(np.int32)
+    w = weights.numpy()
     calls = []
-    for s in torch.unique(shard_of_pair).tolist():
+    for s in np.unique(shard_of_pair.numpy()).tolist():
         on = owner == s
-        tokens = on.any(1).nonzero().squeeze(1)
-        on = on[tokens]
+        mine = np.flatnonzero(on)
+        tokens = np.flatnonzero(on.any(1))
+        if len(tokens) < T:
+            on, x, e, g = on[tokens], rows[tokens], ids32[tokens], w[tokens]
+        else:
+            x, e, g = rows, ids32, w
         spec = table.shards[s]
-        request = wire.ExpertRequest(
-            layer,
-            hidden[tokens],
-            ids32[tokens].masked_fill(~on, -1),
-            weights[tokens].masked_fill(~on, 0.0),
-            f"{request_id}:{spec.shard_id}",
-            table.version,
-            spec.shard_id,
-        )
-        message = wire.encode_request(request)
-        mine = pairs[shard_of_pair == s]
-        calls.append(Call(spec.shard_id, spec.address, tokens, mine, message))
+        message = wire.build_request(
+            layer, x, hidden_dtype, np.where(on, e, np.int32(-1)), np.where(on, g, _ZERO),
+            f"{request_id}:{spec.shard_id}", table.version, spec.shard_id,
+        )  # fmt: skip
+        calls.append(
+            Call(spec.shard_id, spec.address, torch.from_numpy(tokens), torch.from_numpy(mine),
+                 message)
+        )  # fmt: skip
     return calls
+
+
+_ZERO = np.float32(0.0)

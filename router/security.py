@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,18 +85,18 @@ def _presented(metadata: Any) -> str | None:
     return None
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
+class TokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without the cluster token (UNAUTHENTICATED), except OPEN_SERVICES."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
 
-    async def intercept_service(
+    def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+        handler = continuation(details)
         if handler is None or details.method.startswith(OPEN_SERVICES):
             return handler
         presented = _presented(details.invocation_metadata)
@@ -107,8 +107,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+    def abort(request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,

@@ -17,6 +17,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from router.rpc import expert_pb2 as pb
@@ -43,6 +44,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()}
 
 
 class WireError(ValueError):
@@ -86,12 +88,11 @@ def encode_tensor(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
 def decode_tensor(msg: pb.Tensor, what: str = "tensor") -> torch.Tensor:
     """Tensor message -> read-only tensor viewing the message bytes (no copy)."""
     dtype = parse_dtype(msg.dtype, what)
-    shape = tuple(int(s) for s in msg.shape)
+    shape = tuple(msg.shape)
     if any(s < 0 for s in shape):
         raise WireError(f"{what}: negative dimension in shape {list(shape)}")
     data = msg.data
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
     if len(data) != expected:
         raise WireError(
             f"{what}: {len(data)} bytes do not match shape {list(shape)} of {msg.dtype} "
@@ -160,8 +161,8 @@ def _check_2d_float(t: torch.Tensor, what: str) -> None:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if t.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
-        return  # fast path: min/max are finite iff every value is (NaN propagates)
+    if t.numel() == 0 or math.isfinite(float(t.sum())):
+        return  # fast path: a finite sum has no NaN/inf term (an overflow checks each value)
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -205,6 +206,49 @@ def encode_request(req: ExpertRequest) -> pb.ComputeRequest:
     encode_tensor(req.expert_ids, msg.expert_ids)
     encode_tensor(req.weights, msg.weights)
     return msg
+
+
+def tensor_array(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A CPU tensor as a numpy array over its bytes (copied only if not contiguous) and its
+    wire dtype name; dtypes numpy lacks (bfloat16) are viewed as ints of the same size."""
+    name = dtype_name(t.dtype)
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy(), name
+
+
+def _fill(out: pb.Tensor, dtype: str, array: np.ndarray) -> None:
+    out.dtype = dtype
+    out.shape[:] = array.shape
+    out.data = array.tobytes()
+
+
+def build_request(
+    layer: int, hidden: np.ndarray, hidden_dtype: str, expert_ids: np.ndarray,
+    weights: np.ndarray, request_id: str, placement_version: int, shard_id: str,
+) -> pb.ComputeRequest:  # fmt: skip
+    """A ComputeRequest from numpy arrays (`tensor_array` of the step's tensors, sliced):
+    hidden [T, H] of `hidden_dtype`, expert_ids [T, K] int32, weights [T, K] float32. No
+    ExpertRequest is built or validated: the router checks a step once (`check_step`) and
+    slices it into one request per shard."""
+    msg = pb.ComputeRequest(
+        layer=layer, request_id=request_id, placement_version=placement_version,
+        shard_id=shard_id,
+    )  # fmt: skip
+    _fill(msg.hidden, hidden_dtype, hidden)
+    _fill(msg.expert_ids, "int32", expert_ids)
+    _fill(msg.weights, "float32", weights)
+    return msg
+
+
+def check_step(hidden: torch.Tensor, weights: torch.Tensor) -> None:
+    """What every request sliced from a layer step would be checked for: [T, H] floating
+    hidden of a dtype the wire carries, finite hidden and weights (WireError otherwise)."""
+    _check_2d_float(hidden, "hidden")
+    dtype_name(hidden.dtype)
+    _check_finite(hidden, "hidden")
+    _check_finite(weights, "weights")
 
 
 def decode_request(msg: pb.ComputeRequest) -> ExpertRequest:

@@ -18,7 +18,6 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grpc
 import torch
 
 from router.security import TLSFiles
@@ -28,6 +27,7 @@ from workers.resources import pin_torch_threads
 from workers.shard_server import (
     DEFAULT_MAX_MESSAGE_MB,
     SERVICE_NAME,
+    ExpertServer,
     ExpertShardServicer,
     layer_assignment,
     start_expert_server,
@@ -40,8 +40,8 @@ __all__ = [
 
 
 class ExpertShardActor:
-    """Ray actor serving one shard (all methods async: the grpc.aio server shares the actor's
-    event loop). The server starts first (UNAVAILABLE / NOT_SERVING while loading); `ready()`
+    """Ray actor serving one shard (all methods async; the gRPC server computes on its own
+    threads, so loads and releases never wait behind calls). The server starts first (UNAVAILABLE / NOT_SERVING while loading); `ready()`
     returns once the constructor's assignment is loaded. Binds the node IP unless `host` is
     given (e.g. "0.0.0.0" when configured; the advertised address stays the node IP)."""
 
@@ -68,7 +68,7 @@ class ExpertShardActor:
         self.torch_threads = torch_threads
         self.token, self.tls, self.host = token, tls, host
         self.servicer: ExpertShardServicer | None = None
-        self._server: grpc.aio.Server | None = None
+        self._server: ExpertServer | None = None
         self._address = ""
         self._serve_task: asyncio.Task | None = None
         self._load_task: asyncio.Task | None = None
@@ -96,10 +96,11 @@ class ExpertShardActor:
         )
         node_ip = ray.util.get_node_ip_address()
         bind = self.host or node_ip
-        self._server, port = await start_expert_server(
-            self.servicer, bind, 0, self.max_message_mb, token=self.token, tls=self.tls
-        )
-        self._address = f"[{node_ip}]:{port}" if ":" in node_ip else f"{node_ip}:{port}"
+        self._server, _ = start_expert_server(
+            self.servicer, bind, 0, self.max_message_mb, token=self.token, tls=self.tls,
+            advertise_host=node_ip,
+        )  # fmt: skip
+        self._address = self._server.address
 
     def _read(self, assignment: dict[int, list[int]]) -> ExpertWeights:
         from workers.checkpoint import load_expert_weights
@@ -114,7 +115,7 @@ class ExpertShardActor:
     async def _load_initial(self) -> None:
         servicer = await self._serving()
         weights = await asyncio.to_thread(self._read, self.assignment)
-        await servicer.set_weights(weights)
+        servicer.set_weights(weights)
 
     async def ready(self) -> dict[str, Any]:
         """Start serving and load the constructor's experts (once); address, node, experts."""
@@ -157,7 +158,7 @@ class ExpertShardActor:
             if new:
                 extra = await asyncio.to_thread(self._read, new)
                 assert self.servicer is not None
-                await self.servicer.set_weights(current.with_experts(extra))
+                self.servicer.set_weights(current.with_experts(extra))
                 self._counts["loads"] += 1
                 self._counts["experts_loaded"] += sum(len(v) for v in new.values())
         return await self.holdings()
@@ -174,7 +175,7 @@ class ExpertShardActor:
             released = before - sum(len(v) for v in after.experts.values())
             if released:
                 assert self.servicer is not None
-                await self.servicer.set_weights(after)
+                self.servicer.set_weights(after)
                 self._counts["releases"] += 1
                 self._counts["experts_released"] += released
         return await self.holdings()
@@ -198,7 +199,5 @@ class ExpertShardActor:
     async def shutdown(self, grace_s: float = 1.0) -> None:
         """NOT_SERVING, let calls in flight finish for up to `grace_s`, then stop the server."""
         if self.servicer is not None and self._server is not None:
-            await self.servicer.health.enter_graceful_shutdown()
-            await self._server.stop(grace_s)
-        if self.servicer is not None:
-            self.servicer.close()
+            self.servicer.health.enter_graceful_shutdown()
+            await asyncio.to_thread(self._server.stop, grace_s)

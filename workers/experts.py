@@ -143,6 +143,21 @@ class ExpertWeights:
             )
         return rows
 
+    def held_rows(self, layer: int, global_ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(rows of w13/w2 for `global_ids` of `layer`, -1 for padding; sorted distinct ids >= 0
+        not held) in one pass; compute with `compute_rows` when nothing is missing."""
+        ids = global_ids.long()
+        rows, bad = self._rows(layer, ids)
+        return rows, (torch.unique(ids[bad]).tolist() if bool(bad.any()) else [])
+
+    def compute_rows(
+        self, layer: int, hidden: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`compute` for rows from `held_rows` (all held)."""
+        if layer not in self.w13:  # nothing held in this layer: only padding got this far
+            return torch.zeros_like(hidden)
+        return grouped_swiglu(hidden, rows, weights, self.w13[layer], self.w2[layer])
+
     def compute(
         self, layer: int, hidden: torch.Tensor, global_ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:

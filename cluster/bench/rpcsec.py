@@ -31,8 +31,6 @@ H, I, E, K = 2048, 64, 16, 4  # hidden as in Qwen3-Next; small experts
 
 def _serve(conn: Any, pki: dict[str, str], seed: int) -> None:
     """Child process: one server per mode on 127.0.0.1; sends the ports, serves until told."""
-    import asyncio
-
     from router.security import TLSFiles
     from workers.expert_shard import start_expert_server
     from workers.experts import ExpertWeights
@@ -46,21 +44,19 @@ def _serve(conn: Any, pki: dict[str, str], seed: int) -> None:
     )
     tls = TLSFiles(pki["ip_cert"], pki["ip_key"])
 
-    async def main() -> None:
-        servers, ports = [], {}
-        for mode in MODES:
-            token = TOKEN if "token" in mode else None
-            server, port = await start_expert_server(
-                weights, shard_id="shard-0", token=token, tls=tls if "tls" in mode else None
-            )
-            servers.append(server)
-            ports[mode] = port
-        conn.send(ports)
-        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until "stop"
-        for server in servers:
-            await server.stop(None)
-
-    asyncio.run(main())
+    servers, ports = [], {}
+    for mode in MODES:
+        token = TOKEN if "token" in mode else None
+        server, port = start_expert_server(
+            weights, shard_id="shard-0", token=token, tls=tls if "tls" in mode else None,
+            local_socket=False,
+        )  # fmt: skip
+        servers.append(server)
+        ports[mode] = port
+    conn.send(ports)
+    conn.recv()  # until "stop"
+    for server in servers:
+        server.stop(None)
 
 
 def _backend(mode: str, port: int, ca: str) -> Any:

@@ -1,10 +1,7 @@
 """Shared helpers for the router tests: random expert weights, routing, and in-process expert
-shard servers on 127.0.0.1 (their own event-loop thread; the client has its own)."""
+shard servers on 127.0.0.1 (their own server threads; the client has its own loop)."""
 
 from __future__ import annotations
-
-import asyncio
-import threading
 
 import torch
 
@@ -42,35 +39,26 @@ def routing(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 class ShardServers:
-    """Expert shard servers on their own event-loop thread (the client has its own loop)."""
+    """Expert shard servers (gRPC server threads; the client has its own loop)."""
 
     def __init__(self, full: ExpertWeights) -> None:
         self.full = full
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.servers: dict[str, object] = {}  # address -> server
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
     def start(self, spec: ShardSpec, servicer=None, **kwargs) -> str:
         """Serve `spec`'s experts (or `servicer`); returns the address."""
         target = servicer or shard_weights(self.full, spec)
-        server, port = self.run(start_expert_server(target, shard_id=spec.shard_id, **kwargs))
-        address = f"127.0.0.1:{port}"
-        self.servers[address] = server
-        return address
+        server, _ = start_expert_server(target, shard_id=spec.shard_id, **kwargs)
+        self.servers[server.address] = server
+        return server.address
 
     def serve(self, table: PlacementTable) -> PlacementTable:
         """Start one server per shard of `table`; returns the table with their addresses."""
         return table.with_addresses({s.shard_id: self.start(s) for s in table.shards})
 
     def stop(self, address: str) -> None:
-        self.run(self.servers.pop(address).stop(None))
+        self.servers.pop(address).stop(None)
 
     def close(self) -> None:
         for address in list(self.servers):
             self.stop(address)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)

@@ -1,5 +1,5 @@
-"""ExpertShardServicer over a real in-process grpc.aio server on 127.0.0.1 (no Ray), and the
-ExpertShardActor's live operations on Ray."""
+"""ExpertShardServicer over a real in-process gRPC server on 127.0.0.1 (no Ray; grpc.aio
+clients), and the ExpertShardActor's live operations on Ray."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def good_request(layer: int = 1, tokens: int = T, seed: int = 1) -> wire.ExpertR
 
 @contextlib.asynccontextmanager
 async def serving(target, max_message_mb: float = 64.0, **kwargs):
-    server, port = await start_expert_server(
+    server, port = start_expert_server(
         target, max_message_mb=max_message_mb, shard_id="shard-3", **kwargs
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=wire.message_options(64))
@@ -59,7 +59,7 @@ async def serving(target, max_message_mb: float = 64.0, **kwargs):
         yield pb_grpc.ExpertShardStub(channel), health_pb2_grpc.HealthStub(channel), channel
     finally:
         await channel.close()
-        await server.stop(None)
+        server.stop(None)
 
 
 async def health_status(health, service: str = SERVICE_NAME) -> int:
@@ -235,7 +235,7 @@ def test_not_ready_shard_is_unavailable_until_weights_are_set() -> None:
             assert err.value.code() == Code.UNAVAILABLE
             assert "shard not ready: shard shard-3" in err.value.details()
             assert not wire.decode_info(await stub.Info(pb.InfoRequest(), timeout=5)).ready
-            await servicer.set_weights(weights)
+            servicer.set_weights(weights)
             assert await health_status(health) == health_pb2.HealthCheckResponse.SERVING
             await assert_good_call(stub, weights)
             assert servicer.stats()["errors"] == 1 and servicer.stats()["calls"] == 1
@@ -244,8 +244,8 @@ def test_not_ready_shard_is_unavailable_until_weights_are_set() -> None:
 
 
 def test_health_answers_and_weights_swap_while_a_call_computes() -> None:
-    """A call in flight finishes on the weights it started with while the event loop answers
-    health checks and a release swaps in weights without expert 10; later calls see the
+    """A call in flight finishes on the weights it started with while other server threads
+    answer health checks and a release swaps in weights without expert 10; later calls see the
     new set (FAILED_PRECONDITION for expert 10)."""
     weights = random_weights()
     servicer = ExpertShardServicer(weights, "shard-3")
@@ -264,7 +264,7 @@ def test_health_answers_and_weights_swap_while_a_call_computes() -> None:
             call = asyncio.ensure_future(stub.Compute(wire.encode_request(req), timeout=30))
             assert await asyncio.to_thread(started.wait, 30)
             assert await health_status(health) == health_pb2.HealthCheckResponse.SERVING
-            await servicer.set_weights(weights.without_experts({1: [10]}))
+            servicer.set_weights(weights.without_experts({1: [10]}))
             assert not call.done()
             release.set()
             out = wire.decode_response(await call).output

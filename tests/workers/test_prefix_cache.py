@@ -4,8 +4,6 @@ distributed expert path; DeltaNet snapshots equal an uncached run's state at the
 
 from __future__ import annotations
 
-import asyncio
-import threading
 
 import pytest
 import torch
@@ -149,24 +147,18 @@ class _Shards:
         from router.placement import PlacementTable
         from workers.expert_shard import start_expert_server
 
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         table = PlacementTable.contiguous(config.num_hidden_layers, config.num_experts, num_shards)
         self.servers, addresses = [], {}
         for spec in table.shards:
             weights = load_expert_weights(model_dir, config, assignment=spec.assignment())
-            coro = start_expert_server(weights, shard_id=spec.shard_id)
-            server, port = asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+            server, _ = start_expert_server(weights, shard_id=spec.shard_id)
             self.servers.append(server)
-            addresses[spec.shard_id] = f"127.0.0.1:{port}"
+            addresses[spec.shard_id] = server.address
         self.table = table.with_addresses(addresses)
 
     def close(self) -> None:
         for server in self.servers:
-            asyncio.run_coroutine_threadsafe(server.stop(None), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+            server.stop(None)
 
 
 def test_hits_are_exact_on_the_distributed_expert_path(worker, model_dir):
