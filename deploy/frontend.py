@@ -204,6 +204,13 @@ class Frontend:
                         raise self._public_error(rid, item.kind, item.message)
                     if item.error:  # "invalid": the request's own fault (e.g. its grammar)
                         kind = item.error_kind
+                        if kind == "unavailable":  # e.g. the expert pool is degraded
+                            log.error("request %s: unavailable: %s", rid, item.error)
+                            raise RequestError(
+                                kind,
+                                f"the model is unavailable: {item.error} (request id {rid}); "
+                                "retry later",
+                            )
                         message = item.error if kind == "invalid" else f"engine: {item.error}"
                         raise self._public_error(rid, kind, message)
                     if lost_at is not None:

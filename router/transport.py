@@ -6,10 +6,16 @@ table, wherever it runs. The address is either `host:port` (TCP, reachable from 
 serving TCP at `host:port` also listens on the socket `socket_path("host:port")`; a router
 whose host has that socket (the same machine: the path names the shard's own IP and port)
 connects through it instead, which skips the TCP/IP stack; routers elsewhere use TCP. Same
-gRPC protocol and messages on both; the cluster token applies to both. The socket directory
-is private to the user (mode 0700). A shard serving TLS opens no local socket (a TLS
-deployment stays TLS everywhere); an explicit `unix:` address with a TLS router is dialled
-with the router's TLS credentials.
+gRPC protocol and messages on both; the cluster token applies to both.
+
+Why this is at least as safe as TCP: the socket directory must be a real directory owned by
+this user with no group/other access (mode 0700); a shard binds no socket and a router dials
+none otherwise (`private_dir`), and a router dials only sockets owned by its own user. So
+only processes of the same user can reach a shard through the socket (TCP accepts anyone who
+can reach the port), and another user cannot plant a socket to collect the token a router
+presents. Nothing crosses a network on a local socket, so there is nothing to sniff. A shard
+serving TLS opens no local socket (a TLS deployment stays TLS everywhere); an explicit `unix:`
+address with a TLS router is dialled with the router's TLS credentials.
 
 `EXPERTMESH_SOCKET_DIR` sets the directory (default `/tmp/expertmesh-<uid>`).
 """
@@ -28,6 +34,15 @@ _MAX_PATH = 100  # sun_path holds 108 bytes
 
 def socket_dir() -> str:
     return os.environ.get(SOCKET_DIR_ENV) or f"/tmp/expertmesh-{os.getuid()}"
+
+
+def private_dir(path: str) -> bool:
+    """`path` is a directory (not a link) owned by this user, closed to group and others."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and (st.st_mode & 0o077) == 0
 
 
 def socket_path(address: str) -> str | None:
@@ -49,6 +64,8 @@ def prepare_socket(address: str) -> str | None:
         return None
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if not private_dir(os.path.dirname(path)):
+            return None
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
     except FileNotFoundError:
@@ -70,8 +87,11 @@ def local_target(address: str) -> str | None:
     """Router side: the `unix:` target of the shard at TCP `address` when its socket exists
     on this host, else None (use TCP)."""
     path = socket_path(address)
+    if path is None or not private_dir(os.path.dirname(path)):
+        return None
     try:
-        if path is not None and stat.S_ISSOCK(os.stat(path).st_mode):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid():
             return UNIX + path
     except OSError:
         pass

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from router.faults import ExpertsUnavailableError
 from workers.requests import EngineConfig, Request, RequestError, RequestOutput, ResumeState
 from workers.runner import ModelRunner
 from workers.sampler import (
@@ -152,7 +153,10 @@ class Engine:
             logits = self.run(work)
         except Exception as exc:  # a failed step poisons the caches of exactly these requests
             log.exception("step failed; aborting %d requests", len(work))
-            return outputs + [o for w in work for o in self._finish(w.request, "error", str(exc))]
+            kind = "unavailable" if _pool_degraded(exc) else "internal"
+            return outputs + [
+                o for w in work for o in self._finish(w.request, "error", str(exc), kind)
+            ]
         forked = self.scheduler.after_step(work)
         outputs += self.post_process(work, logits, forked, masks)
         self._account(work, time.perf_counter() - start)
@@ -284,3 +288,15 @@ class Engine:
                 key = (out.request_id, out.index)
                 results[key] = results[key].merge(out) if key in results else out
         return [results[key] for key in keys]
+
+
+def _pool_degraded(exc: BaseException | None) -> bool:
+    """The step failed because the expert pool had no live shard for some routed experts
+    within experts.recovery_timeout_s (ExpertsUnavailableError, possibly wrapped): the server
+    is unavailable (HTTP 503 / gRPC UNAVAILABLE), not broken."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ExpertsUnavailableError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

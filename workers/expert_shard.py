@@ -41,9 +41,10 @@ __all__ = [
 
 class ExpertShardActor:
     """Ray actor serving one shard (all methods async; the gRPC server computes on its own
-    threads, so loads and releases never wait behind calls). The server starts first (UNAVAILABLE / NOT_SERVING while loading); `ready()`
-    returns once the constructor's assignment is loaded. Binds the node IP unless `host` is
-    given (e.g. "0.0.0.0" when configured; the advertised address stays the node IP)."""
+    threads, so loads and releases never wait behind calls). The server starts first
+    (UNAVAILABLE / NOT_SERVING while loading); `ready()` returns once the constructor's
+    assignment is loaded. Binds the node IP unless `host` is given (e.g. "0.0.0.0" when
+    configured; the advertised address stays the node IP)."""
 
     def __init__(
         self,

@@ -29,11 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-import torch
 
 from router import security, transport, wire
 from router.rpc import expert_pb2 as pb

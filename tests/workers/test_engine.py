@@ -167,10 +167,11 @@ def test_abort_frees_the_slot(worker):
 class FlakyExperts:
     def __init__(self, inner) -> None:
         self.inner, self.fail = inner, False
+        self.error: Exception = RuntimeError("expert shard 1 unreachable")
 
     def submit(self, *args):
         if self.fail:
-            raise RuntimeError("expert shard 1 unreachable")
+            raise self.error
         return self.inner.submit(*args)
 
 
@@ -182,7 +183,32 @@ def test_failed_step_fails_only_its_requests_and_the_engine_keeps_serving(worker
     flaky.fail = True
     outs = e.step()
     assert outs[0].finish_reason == "error" and "unreachable" in outs[0].error
+    assert outs[0].error_kind == "internal"
     assert e.num_free_slots == 2
     flaky.fail = False
     out = e.generate([[1, 2, 3]], GREEDY)[0]
     assert out.token_ids == alone(worker, [1, 2, 3]).token_ids
+
+
+def test_a_degraded_expert_pool_fails_the_step_as_unavailable(worker):
+    """ExpertsUnavailableError (no live shard after experts.recovery_timeout_s), raised or
+    wrapped: the requests end with kind "unavailable" (HTTP 503 / gRPC UNAVAILABLE), not
+    "internal"."""
+    from router.faults import ExpertsUnavailableError
+
+    e = engine(worker, max_num_seqs=2)
+    flaky = FlakyExperts(worker.experts)
+    e.runner.experts = flaky
+    flaky.fail = True
+    degraded = ExpertsUnavailableError(3, [17, 40], 2.0)
+    try:
+        raise RuntimeError("expert step failed") from degraded
+    except RuntimeError as wrapped:
+        errors = (degraded, wrapped)
+    for i, error in enumerate(errors):
+        flaky.error = error
+        e.add_request(f"r{i}", [1, 2, 3], GREEDY)
+        outs = e.step()
+        assert outs[0].finish_reason == "error" and outs[0].error_kind == "unavailable"
+        assert e.num_free_slots == 2
+    assert "no live shard holds (layer 3, expert 17)" in str(degraded)

@@ -4,7 +4,6 @@ distributed expert path; DeltaNet snapshots equal an uncached run's state at the
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
