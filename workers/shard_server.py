@@ -119,9 +119,6 @@ class ExpertShardServicer:
         out["cpu_s"] = time.process_time()  # the shard process's CPU time (all threads)
         return out
 
-    def close(self) -> None:
-        """Nothing to release (kept for callers of the earlier executor-based servicer)."""
-
     def Compute(self, request: pb.ComputeRequest | MalformedMessage, context: Any) -> Any:
         """Runs on one of the server's threads: decode, check, compute, encode, no hops."""
         code, details = self._serve(request)
