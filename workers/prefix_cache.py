@@ -124,6 +124,7 @@ class PrefixCache:
         req.num_registered = max(req.num_registered, done)
         pos = req.num_computed
         if self._is_boundary(req, pos) and hashes[pos // self.block_size - 1] not in self.rows:
+            self._demote_shallower(req, pos)
             self._save(req.slot, hashes[pos // self.block_size - 1])
 
     def drop(self, block_hash: bytes) -> None:
@@ -157,6 +158,18 @@ class PrefixCache:
         if start >= last:  # past the prompt's snapshots: no cut
             return start + (1 << 40)
         return min((start // self.every + 1) * self.every, last)
+
+    def _demote_shallower(self, req: Request, pos: int) -> None:
+        """A deeper snapshot of this prompt is about to be taken: its shallower snapshots
+        become the first to evict (a later turn of the same conversation resumes from the
+        deepest one), so that LRU keeps every live conversation's deepest snapshot before
+        anyone's shallower ones. A shallower one another request uses again moves back to
+        the end (`apply`)."""
+        hashes, step = self._hashes(req), self.block_size
+        for boundary in range(pos - step, 0, -step):
+            h = hashes[boundary // step - 1]
+            if h in self.rows:
+                self.rows.move_to_end(h, last=False)
 
     def _save(self, slot: int, block_hash: bytes) -> None:
         if not self._free_rows:

@@ -172,3 +172,22 @@ def test_hits_are_exact_on_the_distributed_expert_path(worker, model_dir):
         shards.close()
     assert_same(got, ref)
     assert got[1].cached_tokens == 176
+
+
+def test_each_conversations_deepest_snapshot_outlives_shallower_ones(worker):
+    """Interleaved agent conversations with room for few snapshots: a deeper snapshot of a
+    prompt makes its shallower ones the first to evict, so every conversation's next turn
+    still resumes from the end of its previous prompt (plain LRU would evict those)."""
+    e = engine(worker, blocks=200, max_num_seqs=1)
+    prefix = e.scheduler.prefix
+    del prefix._free_rows[:-4]  # room for 4 snapshots: 3 conversations and one in the making
+    convs = [suffix(10 + i, 20) for i in range(3)]
+    resume_at = [0, 0, 0]  # where each conversation's previous prompt's last snapshot is
+    for turn in range(4):
+        outs = run(e, convs)
+        assert [o.cached_tokens for o in outs] == resume_at, turn
+        resume_at = [(len(c) - 1) // 16 * 16 for c in convs]
+        convs = [c + o.token_ids + suffix(20 + 3 * turn + i, 40)
+                 for i, (c, o) in enumerate(zip(convs, outs, strict=True))]  # fmt: skip
+    assert len(prefix.rows) <= 4
+    assert_same(run(e, convs), run(engine(worker, prefix=False, max_num_seqs=1), convs))
