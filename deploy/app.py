@@ -381,14 +381,9 @@ class OpenAIIngress:
 
     async def _text(self, endpoint: str, request: Request, parse: Any, answer: Any) -> Response:
         """/tokenize and /detokenize: auth, body cap, parse, answer off the event loop."""
-        if (denied := self._check_key(request, endpoint)) is not None:
-            return denied
-        raw = await self._read_body(request)
-        if raw is None:
-            limit = self.max_body / 2**20
-            return self._plain_error(
-                endpoint, 413, f"request body is larger than {limit:g} MiB", "request_too_large"
-            )
+        raw = await self._admit(endpoint, request)
+        if isinstance(raw, Response):
+            return raw
         try:
             req = parse(raw)
             if req.model:
@@ -404,14 +399,9 @@ class OpenAIIngress:
     async def _serve(self, endpoint: str, request: Request) -> Response:
         start = time.perf_counter()
         spec = ENDPOINTS[endpoint]
-        if (denied := self._check_key(request, endpoint)) is not None:
-            return denied
-        raw = await self._read_body(request)
-        if raw is None:
-            limit = self.max_body / 2**20
-            return self._plain_error(
-                endpoint, 413, f"request body is larger than {limit:g} MiB", "request_too_large"
-            )
+        raw = await self._admit(endpoint, request)
+        if isinstance(raw, Response):
+            return raw
         stream = None
         try:
             self.frontend.gate.check()  # refuses while draining
@@ -443,6 +433,18 @@ class OpenAIIngress:
         ids, params = await asyncio.to_thread(engine_inputs, req, tok, info.max_model_len)
         self.frontend.check_params(params, info)
         return ids, params
+
+    async def _admit(self, endpoint: str, request: Request) -> bytes | Response:
+        """The request's body once its API key and size pass; else the 401 / 413 answer."""
+        if (denied := self._check_key(request, endpoint)) is not None:
+            return denied
+        raw = await self._read_body(request)
+        if raw is None:
+            limit = self.max_body / 2**20
+            return self._plain_error(
+                endpoint, 413, f"request body is larger than {limit:g} MiB", "request_too_large"
+            )
+        return raw
 
     async def _read_body(self, request: Request) -> bytes | None:
         """The body, or None when it is larger than server.max_body_mb (checked on the
