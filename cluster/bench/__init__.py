@@ -124,6 +124,15 @@ async def sse_lines(resp: Any) -> Any:
         yield buffer.decode("utf-8", errors="replace").rstrip("\r")
 
 
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a server a bench starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import machine_info, percentile, random_prompts, sse_lines
+from cluster.bench import free_port, machine_info, percentile, random_prompts, sse_lines
 from cluster.bench.report import markdown_table, write_json, write_markdown
 
 FAULTS = ("shard-kill", "shard-sigkill", "dense-kill", "node")
@@ -74,12 +73,6 @@ class Settings:
     seed: int = 0
     security: bool = True
     recovery_timeout_s: float = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------- clients
@@ -209,7 +202,7 @@ class ChaosCluster:
 
         s = self.s
         experts: dict[str, Any] = {"shards": s.shards, "num_cpus": 0.25}
-        server: dict[str, Any] = {"http_port": self.http, "grpc_port": _free_port(),
+        server: dict[str, Any] = {"http_port": self.http, "grpc_port": free_port(),
                                   "model_name": "chaos", "drain_grace_s": 1.0}  # fmt: skip
         if self.secure:
             from cluster.bench.pki import write_pki
@@ -239,7 +232,7 @@ class ChaosCluster:
         from cluster.launcher import ExpertPool, init_ray
 
         self._tmp = tempfile.TemporaryDirectory(prefix="chaos-")
-        self.http = _free_port()
+        self.http = free_port()
         config = self.config()
         if self.s.nodes > 1:
             from ray.cluster_utils import Cluster

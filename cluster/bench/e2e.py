@@ -18,7 +18,6 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ import torch
 from cluster.bench import (
     DTYPE,
     expert_pool,
+    free_port,
     load_model,
     machine_info,
     percentile,
@@ -169,12 +169,6 @@ async def _http_clients(url: str, name: str, w: Workload) -> tuple[list[Record],
         return await _gather(one, len(w.prompts))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve_session(
     model_dir: Path,
@@ -194,13 +188,13 @@ def serve_session(
     from cluster.config import load_config
     from cluster.launcher import ExpertPool, init_ray
 
-    http = _free_port()
+    http = free_port()
     config = load_config({
         "model": str(model_dir), "experts": {"shards": shards, "num_cpus": num_cpus},
         "dense": {"num_cpus": DENSE_CPUS, "max_num_seqs": n, "max_queue": max(256, n),
                   "max_num_batched_tokens": max_batched_tokens,
                   "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-        "server": {"http_port": http, "grpc_port": _free_port(), "model_name": "bench"},
+        "server": {"http_port": http, "grpc_port": free_port(), "model_name": "bench"},
     })  # fmt: skip
     url = f"http://127.0.0.1:{http}"
 

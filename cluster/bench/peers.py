@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cluster.bench import free_port
+
 LLAMA_VERSION = "11434.0.0"  # llama.cpp b11434: first release with the qwen3next architecture
 VLLM_VERSION = "0.32.0"
 TORCH_SPEC = "torch==2.13.0"  # the CPU build these machines install from disk
@@ -266,12 +268,6 @@ def status() -> dict[str, dict[str, object]]:
 
 
 # --------------------------------------------------------------------------------- serving
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -326,7 +322,7 @@ def llama_session(
 ) -> Iterator[str]:
     """llama-server on the checkpoint's f32 GGUF, `parallel` slots of `ctx_per_request`."""
     gguf = convert_to_gguf(model_dir, log=log)
-    port = _free_port()
+    port = free_port()
     cmd = [str(llama_server_path()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--parallel", str(parallel), "--cont-batching", "-c", str(parallel * ctx_per_request),
            "-t", str(threads), "--no-webui"]  # fmt: skip
@@ -346,7 +342,7 @@ def vllm_session(
     """vLLM's OpenAI server (CPU build) on the checkpoint in bf16 (its DeltaNet kernel needs
     bf16 and linear head dims of 64 or 128)."""
     install_vllm(log=log)
-    port = _free_port()
+    port = free_port()
     cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model",
            str(model_dir), "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_seqs),

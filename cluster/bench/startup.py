@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -25,17 +24,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import machine_info
+from cluster.bench import free_port, machine_info
 from cluster.bench.report import markdown_table, write_json, write_markdown
 
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ready(url: str) -> bool:
@@ -63,7 +56,7 @@ def marked_processes(mark: str) -> list[int]:
 
 
 def one_run(repo: Path, cache: Path, log: Path) -> dict[str, Any]:
-    http, grpc = _free_port(), _free_port()
+    http, grpc = free_port(), free_port()
     mark = uuid.uuid4().hex
     env = dict(os.environ, EXPERTMESH_CACHE=str(cache), EXPERTMESH_STARTUP_MARK=mark)
     env.pop("RAY_ADDRESS", None)

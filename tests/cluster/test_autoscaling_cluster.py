@@ -13,22 +13,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 
 import pytest
 import ray
 from ray.cluster_utils import FAKE_HEAD_NODE_ID, Cluster
 
+from cluster.bench import free_port
 from cluster.config import ClusterConfig
 from cluster.controllers import NAMESPACE
 from cluster.launcher import ExpertPool
 from workers.make_checkpoint import make_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _autoscaling_config(gcs_address: str) -> dict:
@@ -57,7 +51,7 @@ def _autoscaling_config(gcs_address: str) -> dict:
 def autoscaling_cluster(tmp_path, monkeypatch):
     if ray.is_initialized():
         ray.shutdown()
-    port = _free_port()
+    port = free_port()
     ip = ray.util.get_node_ip_address()
     path = tmp_path / "autoscaler.json"
     path.write_text(json.dumps(_autoscaling_config(f"{ip}:{port}")))

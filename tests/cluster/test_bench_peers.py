@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cluster.bench import peers, sweep
+from cluster.bench import free_port, peers, sweep
 from workers.make_checkpoint import make_checkpoint
 
 
@@ -47,7 +47,7 @@ def test_peer_requests_and_chunks():
 
 
 def test_server_process_is_started_checked_and_stopped(tmp_path):
-    port = peers._free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
            "--directory", str(tmp_path)]  # fmt: skip
     (tmp_path / "health").write_text("ok")

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.bench.startup import marked_processes
 from deploy.cli import main
 from tests.deploy.helpers import free_port, wait_until
 from workers.make_checkpoint import make_checkpoint
@@ -103,22 +104,6 @@ def _status(url: str) -> int:
         return 0
 
 
-def _marked_processes(mark: str) -> list[int]:
-    """PIDs of live processes whose environment carries `mark` (ours and their children)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if mark.encode() in (proc / "environ").read_bytes():
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    pids.append(int(proc.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
-
-
 class Server:
     """A `expertmesh ...` / `serve run` subprocess in its own session; its environment carries
     a unique mark so that every process it leaves behind can be found."""
@@ -154,7 +139,7 @@ class Server:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # our own child's process group
             self.proc.wait(timeout=30)
-        for pid in _marked_processes(self.mark):  # what it started, if it left any
+        for pid in marked_processes(self.mark):  # what it started, if it left any
             os.kill(pid, signal.SIGKILL)
         self._out.close()
 
@@ -223,7 +208,7 @@ def test_expertmesh_serve_progress_banner_drain_and_clean_stop(tiny, tmp_path):
         for noise in ("Traceback", "graceful_shutdown", "Connecting to existing Serve app",
                       "ERROR", "WARNING"):  # fmt: skip
             assert noise not in server.output(), server.output()
-        wait_until(lambda: not _marked_processes(server.mark), 60, "its processes to exit")
+        wait_until(lambda: not marked_processes(server.mark), 60, "its processes to exit")
     finally:
         server.close()
 
@@ -247,6 +232,6 @@ def test_serve_run_deploy_yaml_subprocess(tiny, tmp_path):
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert server.stop(signal.SIGINT) == 0, server.output()[-3000:]
-        wait_until(lambda: not _marked_processes(server.mark), 60, "its processes to exit")
+        wait_until(lambda: not marked_processes(server.mark), 60, "its processes to exit")
     finally:
         server.close()
