@@ -18,6 +18,7 @@ Where no node can take it, the surviving shards load the experts nobody else hol
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import replace
@@ -122,22 +123,10 @@ class HealingMixin:
         rec = self._shards[sid]
         if dead is None:
             return
-        new = self._table.next_shard_id()
         assignment = dead.assignment()
         _kill(rec.handle)
-        # its bundle if its node lives (a crashed process), else any node with room
-        node_alive = rec.node_id in await asyncio.to_thread(shard_actors.alive_nodes)
-        bundle = rec.bundle if node_alive else None
-        node = (
-            None
-            if bundle
-            else await asyncio.to_thread(
-                shard_actors.choose_node, self.config, self._shards_per_node()
-            )
-        )
         try:
-            info = await self._spawn(new, assignment, node, bundle=bundle,
-                                     schedule_timeout_s=SCHEDULE_TIMEOUT_S)  # fmt: skip
+            new, info, bundle = await self._start_replacement(sid, rec, assignment)
         except Exception as exc:
             self._event("replace_failed", f"no replacement for {sid} ({exc}); the other shards "
                         "take its experts", logging.WARNING)  # fmt: skip
@@ -157,6 +146,37 @@ class HealingMixin:
         self._event("recovered", f"{new} replaces {sid} on node {info['node_id'][:12]} "
                     f"holding {dead.num_pairs()} (layer, expert) copies, {took:.1f} s after the "
                     "fault", seconds=took, shard_id=new)  # fmt: skip
+
+    async def _start_replacement(self, sid: str, rec: Any, assignment: dict):
+        """Start the replacement for `sid`, preferring any node but the dead shard's: our
+        probes often notice a lost node before Ray does, and Ray still lists it alive with
+        free room (the most free of all). Its bundle is reused only where no other node has
+        room and the node is alive (a crashed process). A replacement that dies while starting
+        (placed on that node after all) is retried elsewhere until SCHEDULE_TIMEOUT_S."""
+        from cluster.pool_ops import ShardDiedOnStart
+
+        deadline = time.monotonic() + SCHEDULE_TIMEOUT_S
+        avoid = {rec.node_id} if rec.node_id else set()
+        first = int(self._table.next_shard_id().split("-")[1])
+        for attempt in itertools.count():
+            node = await asyncio.to_thread(
+                shard_actors.choose_node, self.config, self._shards_per_node(), avoid
+            )
+            alive = await asyncio.to_thread(shard_actors.alive_nodes)
+            bundle = rec.bundle if node is None and rec.node_id in alive else None
+            new = f"shard-{first + attempt}"  # a fresh actor name for each try
+            try:
+                left = max(1.0, deadline - time.monotonic())
+                info = await self._spawn(new, assignment, node, bundle=bundle,
+                                         schedule_timeout_s=left)  # fmt: skip
+                return new, info, bundle
+            except ShardDiedOnStart as exc:
+                if bundle is not None:  # _spawn freed it: it stays the dead shard's
+                    self._free_bundles.remove(bundle)
+                if time.monotonic() > deadline - 1.0:
+                    raise
+                log.warning("replacement for %s: %s; trying another node", sid, exc)
+                await asyncio.sleep(1.0)  # Ray's view of the nodes catches up
 
     async def _survivors_take_over(self, sid: str) -> None:
         live = {s: v for s, v in self._live_assignment().items() if s != sid}

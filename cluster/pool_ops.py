@@ -33,6 +33,11 @@ class LiveOpError(RuntimeError):
     """A live placement operation was refused; the message says which part and why."""
 
 
+class ShardDiedOnStart(LiveOpError):
+    """A new shard's actor died before it served (e.g. placed on a node that had just died
+    but that Ray still listed alive): another node may take it."""
+
+
 class PoolOpsMixin:
     async def shard_handles(self) -> dict[str, Any]:
         return {sid: rec.handle for sid, rec in self._shards.items()}
@@ -200,6 +205,8 @@ class PoolOpsMixin:
             _kill(handle)
             if bundle is not None:
                 self._free_bundles.append(bundle)
+            if isinstance(exc, ray.exceptions.RayActorError):
+                raise ShardDiedOnStart(f"shard {sid} died while starting ({exc!r})") from None
             why = "no node had room in time" if isinstance(exc, asyncio.TimeoutError) else repr(exc)
             raise LiveOpError(f"shard {sid} did not start: {why}") from None
         self._shards[sid].healing = False

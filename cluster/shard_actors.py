@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,15 +111,17 @@ def shard_kwargs(config: ClusterConfig) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def choose_node(config: ClusterConfig, shards_per_node: Mapping[str, int]) -> str | None:
+def choose_node(
+    config: ClusterConfig, shards_per_node: Mapping[str, int], exclude: Collection[str] = ()
+) -> str | None:
     """An alive node with Ray resources free for one more shard: the one with the fewest of
     this pool's shards ("spread" / "strict_spread"; a node without one first) or the most
-    ("pack"). None when no node has room (Ray then queues the shard: an autoscaler may add a
-    node for it)."""
+    ("pack"), never one in `exclude` (a node suspected dead that Ray still lists alive). None
+    when no node has room (Ray then queues the shard: an autoscaler may add a node for it)."""
     from ray._private.state import available_resources_per_node  # DeveloperAPI
 
     need = shard_bundle(config)
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} - set(exclude)
     free = available_resources_per_node()
     fits = [n for n in alive if all(free.get(n, {}).get(k, 0.0) >= v for k, v in need.items())]
     if not fits:

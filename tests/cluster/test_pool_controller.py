@@ -99,7 +99,7 @@ def controller(model_dir, log, shards=2, **experts) -> PoolController:
 def no_ray_nodes(monkeypatch) -> None:
     """Node queries without Ray: one node (the fakes' "nnn..."), Ray picks the place."""
     monkeypatch.setattr(shard_actors, "alive_nodes", lambda: {"n" * 40})
-    monkeypatch.setattr(shard_actors, "choose_node", lambda config, per_node: None)
+    monkeypatch.setattr(shard_actors, "choose_node", lambda config, per_node, exclude=(): None)
 
 
 @pytest.fixture
@@ -205,6 +205,51 @@ def test_dead_shard_marked_down_at_once_and_replaced_with_its_experts(model_dir,
     assert c.counters["shard_faults"] == 1 and c.counters["shards_replaced"] == 1
     kinds = [e["kind"] for e in c.events]
     assert kinds.index("shard_down") < kinds.index("recovered")
+
+
+def test_replacement_avoids_the_dead_shards_node_and_retries_one_that_dies_starting(
+    model_dir, monkeypatch
+):
+    """Our probes often notice a lost node before Ray does: Ray still lists it alive, with the
+    most free room. The replacement is placed elsewhere; one that dies while starting anyway
+    is retried under a fresh name instead of giving the experts to the survivors."""
+    tries, made = [], {}
+
+    def start_shard(model_dir, config, sid, assignment, *, bundle=None, node_id=None):
+        tries.append((sid, node_id))
+        made[sid] = FakeShard(sid, assignment, [])
+        if len(tries) == 1:  # landed on the dying node after all
+            made[sid].ready = made[sid].address = _Method(_died)
+        return made[sid]
+
+    async def _died():
+        raise ray.exceptions.ActorDiedError()
+
+    def choose_node(config, per_node, exclude=()):
+        return next(n for n in ("node-a", "node-b") if n not in exclude)
+
+    monkeypatch.setattr(shard_actors, "start_shard", start_shard)
+    monkeypatch.setattr(shard_actors, "choose_node", choose_node)
+    monkeypatch.setattr(shard_actors, "alive_nodes", lambda: {"node-a", "node-b"})
+    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
+    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+
+    async def run():
+        c = controller(model_dir, [], shards=3)
+        c._shards["shard-1"].node_id = "node-a"  # the node that is going away
+        expected = c._table.shard("shard-1").experts
+        await c._on_dead("shard-1", "test", permanent=True)
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if "shard-1" not in c._table.shard_ids:
+                break
+        return c, expected
+
+    c, expected = asyncio.run(run())
+    assert tries == [("shard-3", "node-b"), ("shard-4", "node-b")]
+    assert c._table.shard_ids == ("shard-0", "shard-4", "shard-2")
+    assert c._table.shard("shard-4").experts == expected and c._table.shard("shard-4").live
+    assert c.counters["shards_replaced"] == 1
 
 
 def test_one_slow_answer_is_not_death_but_repeated_ones_are(model_dir, spawn):
