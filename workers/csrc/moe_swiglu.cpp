@@ -53,24 +53,119 @@ inline v16f load_w(const int8_t* p) {
 #endif
 }
 
-inline float hsum(v16f v) {  // fixed tree
-  float a[L]; std::memcpy(a, &v, sizeof a);
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+inline float hsum(v16f v) {  // fixed tree: lane i += lane i + 8, then + 4, + 2, + 1
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// out[t] = dot(row, xs[t]) for t < nt (nt <= NT); row has n inputs (n % 16 == 0).
-template <typename W>
-inline void dot_rows(const W* row, const float* const* xs, int nt, int64_t n, float scale,
-                     float* out) {
-  v16f acc[NT] = {};
+constexpr int RT = 4;  // rows sharing one pass over the token vectors
+
+// res[t * ldr + j] = dot(row j, xs[t]) * (scale ? scale[j] : 1) for t < NTT, j < R: R rows of
+// n inputs (n % 16 == 0) from w0, row stride n. The R * NTT sums are independent chains (one
+// token at decode is not latency-bound); each keeps the one fixed order of every dot product.
+template <int NTT, int R, typename W>
+inline void tile_dots(const W* w0, int64_t n, const float* const* xs, const float* scale,
+                      float* res, int64_t ldr) {
+  v16f acc[NTT][R] = {};
   for (int64_t k = 0; k < n; k += L) {
-    v16f w = load_w(row + k);
-    for (int t = 0; t < NT; ++t)
-      if (t < nt) acc[t] += w * load_f(xs[t] + k);
+    v16f w[R];
+    for (int j = 0; j < R; ++j) w[j] = load_w(w0 + j * n + k);
+    for (int t = 0; t < NTT; ++t) {
+      const v16f x = load_f(xs[t] + k);
+      for (int j = 0; j < R; ++j) acc[t][j] += w[j] * x;
+    }
   }
-  for (int t = 0; t < nt; ++t) out[t] = hsum(acc[t]) * scale;
+  for (int t = 0; t < NTT; ++t)
+    for (int j = 0; j < R; ++j) res[t * ldr + j] = hsum(acc[t][j]) * (scale ? scale[j] : 1.f);
+}
+
+// lane r = hsum(v[r]) for 16 rows at once, each with hsum's exact tree: every add below pairs
+// the same two values as hsum does for that row (lane i with lane i + 8, then + 4, + 2, + 1).
+inline v16f hsum16x16(const v16f* v) {
+  v16f w[8], z[4], q[2];
+  for (int j = 0; j < 8; ++j)
+    w[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)
+    z[j] = __builtin_shufflevector(w[2 * j], w[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * j], w[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)
+    q[j] = __builtin_shufflevector(z[2 * j], z[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(z[2 * j], z[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22,
+                                   23, 26, 27, 30, 31);
+  return __builtin_shufflevector(q[0], q[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(q[0], q[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// buf[t][j0 + j] = the unreduced lanes of dot(row j, xs[t]), t < NTT, j < RT (see tile_dots)
+template <int NTT, typename W>
+inline void tile_accs(const W* w0, int64_t n, const float* const* xs, v16f (*buf)[16], int j0) {
+  v16f acc[NTT][RT] = {};
+  for (int64_t k = 0; k < n; k += L) {
+    v16f w[RT];
+    for (int j = 0; j < RT; ++j) w[j] = load_w(w0 + j * n + k);
+    for (int t = 0; t < NTT; ++t) {
+      const v16f x = load_f(xs[t] + k);
+      for (int j = 0; j < RT; ++j) acc[t][j] += w[j] * x;
+    }
+  }
+  for (int t = 0; t < NTT; ++t)
+    for (int j = 0; j < RT; ++j) buf[t][j0 + j] = acc[t][j];
+}
+
+// 16 rows from w0 against nt token vectors, reduced 16 at a time
+template <typename W>
+inline void rows16(const W* w0, int64_t n, const float* const* xs, int nt, const float* scale,
+                   float* res, int64_t ldr) {
+  v16f buf[NT][16];
+  for (int j = 0; j < 16; j += RT) {
+    switch (nt) {
+      case 4: tile_accs<4>(w0 + j * n, n, xs, buf, j); break;
+      case 3: tile_accs<3>(w0 + j * n, n, xs, buf, j); break;
+      case 2: tile_accs<2>(w0 + j * n, n, xs, buf, j); break;
+      default: tile_accs<1>(w0 + j * n, n, xs, buf, j); break;
+    }
+  }
+  for (int t = 0; t < nt; ++t) {
+    v16f sum = hsum16x16(buf[t]);
+    if (scale) sum *= load_f(scale);
+    std::memcpy(res + t * ldr, &sum, sizeof sum);
+  }
+}
+
+template <int R, typename W>
+inline void tiles(const W* w0, int64_t n, const float* const* xs, int nt, const float* scale,
+                  float* res, int64_t ldr) {
+  switch (nt) {
+    case 4: tile_dots<4, R>(w0, n, xs, scale, res, ldr); break;
+    case 3: tile_dots<3, R>(w0, n, xs, scale, res, ldr); break;
+    case 2: tile_dots<2, R>(w0, n, xs, scale, res, ldr); break;
+    default: tile_dots<1, R>(w0, n, xs, scale, res, ldr); break;
+  }
+}
+
+// res[t * ldr + j] = dot(rows[r0 + j], xs[t]) * row scale, j < nr, t < nt
+template <typename W>
+inline void block_dots(const W* rows, int64_t r0, int64_t nr, int64_t n, const float* scales,
+                       const float* const* xs, int nt, float* res, int64_t ldr) {
+  int64_t j = 0;
+  for (; j + 16 <= nr; j += 16)
+    rows16(rows + (r0 + j) * n, n, xs, nt, scales ? scales + r0 + j : nullptr, res + j, ldr);
+  for (; j + RT <= nr; j += RT)
+    tiles<RT>(rows + (r0 + j) * n, n, xs, nt, scales ? scales + r0 + j : nullptr, res + j, ldr);
+  for (; j < nr; ++j)
+    tiles<1>(rows + (r0 + j) * n, n, xs, nt, scales ? scales + r0 + j : nullptr, res + j, ldr);
 }
 
 // int4: byte b of a 32-input block holds input b (low nibble) and input 16 + b (high nibble),
@@ -100,19 +195,32 @@ struct Mat {  // one projection of all experts: rows of `in` inputs, `out` rows 
   const float* scales;
   int64_t out, in, group;
 
-  // dot of row r of expert e with nt token vectors, scaled (int8/int4 dequantised)
-  void dots(int64_t e, int64_t r, const float* const* xs, int nt, float* res) const {
-    const int64_t row = e * out + r;
+  // res[t * ldr + j] = dot of row r0 + j (j < nr) of expert e with token vector t (t < nt),
+  // scaled (int8/int4 dequantised)
+  void dots(int64_t e, int64_t r0, int64_t nr, const float* const* xs, int nt, float* res,
+            int64_t ldr) const {
+    const int64_t base = e * out;
     switch (kind) {
-      case F32: dot_rows(static_cast<const float*>(data) + row * in, xs, nt, in, 1.f, res); break;
+      case F32:
+        block_dots(static_cast<const float*>(data) + base * in, r0, nr, in, nullptr, xs, nt,
+                   res, ldr);
+        break;
       case BF16:
-        dot_rows(static_cast<const uint16_t*>(data) + row * in, xs, nt, in, 1.f, res); break;
+        block_dots(static_cast<const uint16_t*>(data) + base * in, r0, nr, in, nullptr, xs, nt,
+                   res, ldr);
+        break;
       case INT8:
-        dot_rows(static_cast<const int8_t*>(data) + row * in, xs, nt, in, scales[row], res);
+        block_dots(static_cast<const int8_t*>(data) + base * in, r0, nr, in, scales + base, xs,
+                   nt, res, ldr);
         break;
       case INT4:
-        dot_rows_int4(static_cast<const uint8_t*>(data) + row * (in / 2),
-                      scales + row * (in / group), group, xs, nt, in, res);
+        for (int64_t j = 0; j < nr; ++j) {
+          const int64_t row = base + r0 + j;
+          float tmp[NT];
+          dot_rows_int4(static_cast<const uint8_t*>(data) + row * (in / 2),
+                        scales + row * (in / group), group, xs, nt, in, tmp);
+          for (int t = 0; t < nt; ++t) res[t * ldr + j] = tmp[t];
+        }
         break;
     }
   }
@@ -199,17 +307,17 @@ at::Tensor moe_swiglu(const at::Tensor& hidden, const at::Tensor& ids, const at:
   const int64_t nb1 = (I + RB1 - 1) / RB1;
   at::parallel_for(0, A * nb1, 1, [&](int64_t lo, int64_t hi) {
     const float* xs[NT];
-    float g[NT], u[NT];
+    float g[NT * RB1], u[NT * RB1];
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t e = active[it / nb1], r0 = (it % nb1) * RB1, r1 = std::min(I, r0 + RB1);
       for (int64_t p0 = start[e]; p0 < start[e + 1]; p0 += NT) {
         const int nt = static_cast<int>(std::min<int64_t>(NT, start[e + 1] - p0));
         for (int t = 0; t < nt; ++t) xs[t] = xp + (pair[p0 + t] / K) * H;
-        for (int64_t r = r0; r < r1; ++r) {
-          gu.dots(e, r, xs, nt, g);
-          gu.dots(e, I + r, xs, nt, u);
-          for (int t = 0; t < nt; ++t) ap[(p0 + t) * I + r] = silu(g[t]) * u[t];
-        }
+        gu.dots(e, r0, r1 - r0, xs, nt, g, RB1);
+        gu.dots(e, I + r0, r1 - r0, xs, nt, u, RB1);
+        for (int t = 0; t < nt; ++t)
+          for (int64_t r = r0; r < r1; ++r)
+            ap[(p0 + t) * I + r] = silu(g[t * RB1 + r - r0]) * u[t * RB1 + r - r0];
       }
     }
   });
@@ -219,16 +327,16 @@ at::Tensor moe_swiglu(const at::Tensor& hidden, const at::Tensor& ids, const at:
   const int64_t nb2 = (H + RB2 - 1) / RB2;
   at::parallel_for(0, A * nb2, 1, [&](int64_t lo, int64_t hi) {
     const float* as[NT];
-    float d[NT];
+    float d[NT * RB2];
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t e = active[it / nb2], r0 = (it % nb2) * RB2, r1 = std::min(H, r0 + RB2);
       for (int64_t p0 = start[e]; p0 < start[e + 1]; p0 += NT) {
         const int nt = static_cast<int>(std::min<int64_t>(NT, start[e + 1] - p0));
         for (int t = 0; t < nt; ++t) as[t] = ap + (p0 + t) * I;
-        for (int64_t r = r0; r < r1; ++r) {
-          dn.dots(e, r, as, nt, d);
-          for (int t = 0; t < nt; ++t) yp[pair[p0 + t] * H + r] = d[t] * wt[pair[p0 + t]];
-        }
+        dn.dots(e, r0, r1 - r0, as, nt, d, RB2);
+        for (int t = 0; t < nt; ++t)
+          for (int64_t r = r0; r < r1; ++r)
+            yp[pair[p0 + t] * H + r] = d[t * RB2 + r - r0] * wt[pair[p0 + t]];
       }
     }
   });
