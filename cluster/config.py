@@ -116,6 +116,12 @@ class DenseConfig:
     # ping-pong micro-batches per step (2 overlaps dense compute with expert calls when the
     # shards are on other nodes; on one small node it only adds calls)
     micro_batches: int = 1
+    # torch threads of a step: below wide_step_tokens tokens (low-concurrency decode)
+    # torch_threads (null: the replica's CPUs - 1, a core left to streaming), from it
+    # wide_step_threads (null: all its CPUs); workers/resources.py StepThreads
+    torch_threads: int | None = None
+    wide_step_threads: int | None = None
+    wide_step_tokens: int = 16
     # hybrid cache (workers/cache_config.py): one memory budget for KV blocks, DeltaNet states
     # and prefix snapshots; kv_cache_gb, or kv_cache_fraction of the memory available at
     # start, or (neither) what max_num_seqs full-length sequences need
@@ -261,6 +267,11 @@ def _validate(c: ClusterConfig) -> None:
         (c.experts.bind_host != "", "experts.bind_host", "must be an address (or null: node IP)"),
         (c.dense.num_cpus >= 0, "dense.num_cpus", "must be >= 0"),
         (1 <= c.dense.micro_batches <= 8, "dense.micro_batches", "must be in [1, 8]"),
+        (c.dense.torch_threads is None or c.dense.torch_threads >= 1, "dense.torch_threads",
+         "must be >= 1 (or null: the replica's CPUs - 1)"),
+        (c.dense.wide_step_threads is None or c.dense.wide_step_threads >= 1,
+         "dense.wide_step_threads", "must be >= 1 (or null: the replica's CPUs)"),
+        (c.dense.wide_step_tokens >= 1, "dense.wide_step_tokens", "must be >= 1"),
         (c.dense.prefix_routing_imbalance >= 0, "dense.prefix_routing_imbalance", "must be >= 0"),
         (c.dense.autoscaling.min_replicas >= 1, "dense.autoscaling.min_replicas", "must be >= 1"),
         (c.dense.autoscaling.max_replicas >= c.dense.autoscaling.min_replicas,

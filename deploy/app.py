@@ -75,9 +75,11 @@ class DenseReplica:
         from cluster.launcher import connect_expert_backend
         from workers.async_engine import AsyncEngine
         from workers.dense_worker import DenseWorker
-        from workers.resources import pin_torch_threads
+        from workers.resources import step_threads
 
-        pin_torch_threads(reserve=1)  # one core for the replica's event loop
+        d = config.dense
+        threads = step_threads(d.torch_threads, d.wide_step_threads, d.wide_step_tokens)
+        threads.apply(0)  # narrow until a wide step comes
         experts = connect_expert_backend(config)  # None: experts local (experts.shards == 0)
         self.worker = DenseWorker(
             model_dir,
@@ -87,6 +89,7 @@ class DenseReplica:
             micro_batches=config.dense.micro_batches,
             expert_dtype=config.experts.dtype,
             cache_config=config.dense.cache_config(),
+            step_threads=threads,
         )
         self.engine = AsyncEngine(self.worker.engine)
         self.model_name = model_name

@@ -20,6 +20,7 @@ from workers.engine import Engine
 from workers.experts import ExpertBackend, LocalExpertBackend
 from workers.model import Qwen3NextLM
 from workers.requests import EngineConfig, RequestOutput
+from workers.resources import StepThreads
 from workers.runner import ModelRunner
 from workers.sampler import SamplingParams
 from workers.tokenizer import TextTokenizer, TokenizerError
@@ -67,6 +68,7 @@ class DenseWorker:
         micro_batches: int = 1,
         expert_dtype: str | None = None,
         cache_config: CacheConfig | None = None,
+        step_threads: StepThreads | None = None,
     ) -> None:
         torch_dtype = compute_dtype(dtype)
         self.model_dir = model_dir
@@ -88,7 +90,7 @@ class DenseWorker:
             "on" if cache.settings.caches_prefixes else "off",
         )  # fmt: skip
         self.tokenizer = load_tokenizer(model_dir)
-        self.engine = Engine(runner, self.engine_config, self.tokenizer)
+        self.engine = Engine(runner, self.engine_config, self.tokenizer, step_threads)
 
     @property
     def config(self) -> ModelConfig:

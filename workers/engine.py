@@ -21,6 +21,7 @@ import torch
 
 from router.faults import ExpertsUnavailableError
 from workers.requests import EngineConfig, Request, RequestError, RequestOutput, ResumeState
+from workers.resources import StepThreads
 from workers.runner import ModelRunner
 from workers.sampler import (
     SamplingError,
@@ -53,10 +54,12 @@ class Engine:
         runner: ModelRunner,
         config: EngineConfig,
         tokenizer: TextTokenizer | None = None,
+        threads: StepThreads | None = None,
     ) -> None:
         self.runner = runner
         self.config = config
         self.tokenizer = tokenizer
+        self.threads = threads  # None: leave torch's thread count alone
         vocab = runner.config.vocab_size
         self.grammars = (
             GrammarCompiler(tokenizer, vocab, runner.config.eos_token_ids)
@@ -169,6 +172,8 @@ class Engine:
         """Forward the step; logits [B, V] of the sampling requests (in `work` order). Requests
         that asked for prompt logprobs get them for the prompt positions of this step."""
         batch = [(w.request.slot, w.tokens) for w in work]
+        if self.threads is not None:
+            self.threads.apply(sum(len(tokens) for _, tokens in batch))
         full = [i for i, w in enumerate(work) if self._wants_prompt_logprobs(w.request)]
         if full:
             logits, spans = self.runner.step(batch, full=full)

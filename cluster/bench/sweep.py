@@ -271,8 +271,8 @@ def write_outputs(out: dict[str, Any], out_dir: Path) -> None:
         f"{wl['output_tokens']} output tokens), seed {out['seed']}, token-id prompts, greedy, "
         "ignore_eos, streamed over HTTP",
         f"- llama-server threads (-t): {out.get('llama_threads')}; vLLM CPU: its default "
-        "OpenMP threads; ours: the dense replica's torch threads (one core kept for its event "
-        "loop)",
+        "OpenMP threads; ours: the dense replica's CPUs for steps of >= 16 tokens, one core "
+        "fewer for smaller steps (dense.torch_threads / wide_step_threads / wide_step_tokens)",
         f"- {out['repeats']} interleaved rounds (a different contender first each round); "
         "medians with min..max over rounds",
         *ratios,

@@ -212,3 +212,35 @@ def test_a_degraded_expert_pool_fails_the_step_as_unavailable(worker):
         assert outs[0].finish_reason == "error" and outs[0].error_kind == "unavailable"
         assert e.num_free_slots == 2
     assert "no live shard holds (layer 3, expert 17)" in str(degraded)
+
+
+def test_wide_steps_take_every_thread_narrow_ones_leave_one_and_tokens_stay(worker):
+    """StepThreads: a prefill chunk (>= wide_tokens) runs with `wide` torch threads, the
+    one-token decode steps after it with `narrow`; the tokens equal a run without it."""
+    from workers.resources import StepThreads
+
+    seen: list[int] = []
+    e = engine(worker, max_num_seqs=1)
+    e.threads = StepThreads(narrow=1, wide=2, wide_tokens=16)
+    run = e.runner.step
+    e.runner.step = lambda *a, **k: (seen.append(torch.get_num_threads()), run(*a, **k))[1]
+    before = torch.get_num_threads()
+    try:
+        prompt = prompts(1, seed=3, lo=40, hi=41)[0]
+        out = e.generate([prompt], GREEDY)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == 2 and set(seen[1:]) == {1}  # the 40-token prefill, then decode steps
+    assert out.token_ids == alone(worker, prompt).token_ids
+
+
+def test_step_threads_defaults_come_from_the_cpus(monkeypatch):
+    from workers import resources
+
+    monkeypatch.setattr(resources, "assigned_cpus", lambda: 4)
+    t = resources.step_threads()
+    assert (t.narrow, t.wide, t.wide_tokens) == (3, 4, 16)
+    assert t.for_tokens(15) == 3 and t.for_tokens(16) == 4
+    monkeypatch.setattr(resources, "assigned_cpus", lambda: 1)
+    assert resources.step_threads().narrow == 1  # never 0
+    assert resources.step_threads(2, 6, 8) == resources.StepThreads(2, 6, 8)
