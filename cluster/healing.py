@@ -147,13 +147,15 @@ class HealingMixin:
                     f"holding {dead.num_pairs()} (layer, expert) copies, {took:.1f} s after the "
                     "fault", seconds=took, shard_id=new)  # fmt: skip
 
-    async def _start_replacement(self, sid: str, rec: Any, assignment: dict):
+    async def _start_replacement(
+        self, sid: str, rec: Any, assignment: dict
+    ) -> tuple[str, dict, Any]:
         """Start the replacement for `sid`, preferring any node but the dead shard's: our
         probes often notice a lost node before Ray does, and Ray still lists it alive with
         free room (the most free of all). Its bundle is reused only where no other node has
         room and the node is alive (a crashed process). A replacement that dies while starting
         (placed on that node after all) is retried elsewhere until SCHEDULE_TIMEOUT_S."""
-        from cluster.pool_ops import ShardDiedOnStart
+        from cluster.pool_ops import LiveOpError, ShardDiedOnStart
 
         deadline = time.monotonic() + SCHEDULE_TIMEOUT_S
         avoid = {rec.node_id} if rec.node_id else set()
@@ -170,10 +172,10 @@ class HealingMixin:
                 info = await self._spawn(new, assignment, node, bundle=bundle,
                                          schedule_timeout_s=left)  # fmt: skip
                 return new, info, bundle
-            except ShardDiedOnStart as exc:
+            except LiveOpError as exc:
                 if bundle is not None:  # _spawn freed it: it stays the dead shard's
                     self._free_bundles.remove(bundle)
-                if time.monotonic() > deadline - 1.0:
+                if not isinstance(exc, ShardDiedOnStart) or time.monotonic() > deadline - 1.0:
                     raise
                 log.warning("replacement for %s: %s; trying another node", sid, exc)
                 await asyncio.sleep(1.0)  # Ray's view of the nodes catches up

@@ -252,6 +252,37 @@ def test_replacement_avoids_the_dead_shards_node_and_retries_one_that_dies_start
     assert c.counters["shards_replaced"] == 1
 
 
+def test_a_replacement_that_never_schedules_leaves_the_bundle_free_once(model_dir, monkeypatch):
+    """No node has room (the replacement in the dead shard's bundle never gets scheduled):
+    the survivors take the experts and the bundle is free exactly once (not twice)."""
+
+    def start_shard(model_dir, config, sid, assignment, *, bundle=None, node_id=None):
+        shard = FakeShard(sid, assignment, [])
+        shard.address = _Method(lambda: asyncio.sleep(3600))  # never scheduled
+        return shard
+
+    monkeypatch.setattr(shard_actors, "start_shard", start_shard)
+    no_ray_nodes(monkeypatch)  # one node, alive; no other node has room
+    monkeypatch.setattr(healing, "SCHEDULE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
+    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+
+    async def run():
+        c = controller(model_dir, [], shards=3)
+        c._shards["shard-1"].node_id = "n" * 40
+        c._shards["shard-1"].bundle = "bundle-1"
+        await c._on_dead("shard-1", "test", permanent=True)
+        for _ in range(300):
+            await asyncio.sleep(0.02)
+            if "shard-1" not in c._table.shard_ids:
+                break
+        return c
+
+    c = asyncio.run(run())
+    assert c._table.shard_ids == ("shard-0", "shard-2") and not c._table.uncovered()
+    assert c._free_bundles == ["bundle-1"]
+
+
 def test_one_slow_answer_is_not_death_but_repeated_ones_are(model_dir, spawn):
     async def run():
         c = controller(model_dir, [])
