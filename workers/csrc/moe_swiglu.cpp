@@ -64,13 +64,13 @@ inline float hsum(v16f v) {  // fixed tree: lane i += lane i + 8, then + 4, + 2,
 
 constexpr int RT = 4;  // rows sharing one pass over the token vectors
 
-// res[t * ldr + j] = dot(row j, xs[t]) * (scale ? scale[j] : 1) for t < NTT, j < R: R rows of
-// n inputs (n % 16 == 0) from w0, row stride n. The R * NTT sums are independent chains (one
-// token at decode is not latency-bound); each keeps the one fixed order of every dot product.
+// acc[t][j] = the unreduced lanes of dot(row j, xs[t]) for t < NTT, j < R: R rows of n inputs
+// (n % 16 == 0) from w0, row stride n. The R * NTT sums are independent chains (one token at
+// decode is not latency-bound); each keeps the one fixed order of every dot product.
 template <int NTT, int R, typename W>
-inline void tile_dots(const W* w0, int64_t n, const float* const* xs, const float* scale,
-                      float* res, int64_t ldr) {
-  v16f acc[NTT][R] = {};
+inline void tile_accs(const W* w0, int64_t n, const float* const* xs, v16f (*acc)[R]) {
+  for (int t = 0; t < NTT; ++t)
+    for (int j = 0; j < R; ++j) acc[t][j] = v16f{};
   for (int64_t k = 0; k < n; k += L) {
     v16f w[R];
     for (int j = 0; j < R; ++j) w[j] = load_w(w0 + j * n + k);
@@ -79,6 +79,14 @@ inline void tile_dots(const W* w0, int64_t n, const float* const* xs, const floa
       for (int j = 0; j < R; ++j) acc[t][j] += w[j] * x;
     }
   }
+}
+
+// res[t * ldr + j] = dot(row j, xs[t]) * (scale ? scale[j] : 1), reduced one by one
+template <int NTT, int R, typename W>
+inline void tile_dots(const W* w0, int64_t n, const float* const* xs, const float* scale,
+                      float* res, int64_t ldr) {
+  v16f acc[NTT][R];
+  tile_accs<NTT, R>(w0, n, xs, acc);
   for (int t = 0; t < NTT; ++t)
     for (int j = 0; j < R; ++j) res[t * ldr + j] = hsum(acc[t][j]) * (scale ? scale[j] : 1.f);
 }
@@ -108,18 +116,11 @@ inline v16f hsum16x16(const v16f* v) {
                                  29, 31);
 }
 
-// buf[t][j0 + j] = the unreduced lanes of dot(row j, xs[t]), t < NTT, j < RT (see tile_dots)
+// buf[t][j0 + j] = the unreduced lanes of dot(row j, xs[t]), t < NTT, j < RT
 template <int NTT, typename W>
-inline void tile_accs(const W* w0, int64_t n, const float* const* xs, v16f (*buf)[16], int j0) {
-  v16f acc[NTT][RT] = {};
-  for (int64_t k = 0; k < n; k += L) {
-    v16f w[RT];
-    for (int j = 0; j < RT; ++j) w[j] = load_w(w0 + j * n + k);
-    for (int t = 0; t < NTT; ++t) {
-      const v16f x = load_f(xs[t] + k);
-      for (int j = 0; j < RT; ++j) acc[t][j] += w[j] * x;
-    }
-  }
+inline void tile_into(const W* w0, int64_t n, const float* const* xs, v16f (*buf)[16], int j0) {
+  v16f acc[NTT][RT];
+  tile_accs<NTT, RT>(w0, n, xs, acc);
   for (int t = 0; t < NTT; ++t)
     for (int j = 0; j < RT; ++j) buf[t][j0 + j] = acc[t][j];
 }
@@ -131,10 +132,10 @@ inline void rows16(const W* w0, int64_t n, const float* const* xs, int nt, const
   v16f buf[NT][16];
   for (int j = 0; j < 16; j += RT) {
     switch (nt) {
-      case 4: tile_accs<4>(w0 + j * n, n, xs, buf, j); break;
-      case 3: tile_accs<3>(w0 + j * n, n, xs, buf, j); break;
-      case 2: tile_accs<2>(w0 + j * n, n, xs, buf, j); break;
-      default: tile_accs<1>(w0 + j * n, n, xs, buf, j); break;
+      case 4: tile_into<4>(w0 + j * n, n, xs, buf, j); break;
+      case 3: tile_into<3>(w0 + j * n, n, xs, buf, j); break;
+      case 2: tile_into<2>(w0 + j * n, n, xs, buf, j); break;
+      default: tile_into<1>(w0 + j * n, n, xs, buf, j); break;
     }
   }
   for (int t = 0; t < nt; ++t) {
