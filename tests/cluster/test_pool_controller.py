@@ -102,6 +102,12 @@ def no_ray_nodes(monkeypatch) -> None:
     monkeypatch.setattr(shard_actors, "choose_node", lambda config, per_node, exclude=(): None)
 
 
+def no_kills(monkeypatch) -> None:
+    """ray.kill of a fake handle: nothing to do."""
+    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
+    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+
+
 @pytest.fixture
 def spawn(monkeypatch):
     """start_shard makes FakeShards (collected in the returned dict)."""
@@ -113,8 +119,7 @@ def spawn(monkeypatch):
 
     monkeypatch.setattr(shard_actors, "start_shard", start_shard)
     no_ray_nodes(monkeypatch)
-    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
-    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+    no_kills(monkeypatch)
     return made
 
 
@@ -231,8 +236,7 @@ def test_replacement_avoids_the_dead_shards_node_and_retries_one_that_dies_start
     monkeypatch.setattr(shard_actors, "start_shard", start_shard)
     monkeypatch.setattr(shard_actors, "choose_node", choose_node)
     monkeypatch.setattr(shard_actors, "alive_nodes", lambda: {"node-a", "node-b"})
-    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
-    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+    no_kills(monkeypatch)
 
     async def run():
         c = controller(model_dir, [], shards=3)
@@ -264,8 +268,7 @@ def test_a_replacement_that_never_schedules_leaves_the_bundle_free_once(model_di
     monkeypatch.setattr(shard_actors, "start_shard", start_shard)
     no_ray_nodes(monkeypatch)  # one node, alive; no other node has room
     monkeypatch.setattr(healing, "SCHEDULE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
-    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+    no_kills(monkeypatch)
 
     async def run():
         c = controller(model_dir, [], shards=3)
@@ -329,8 +332,7 @@ def test_no_room_for_a_replacement_survivors_take_over(model_dir, monkeypatch):
 
     monkeypatch.setattr(shard_actors, "start_shard", no_room)
     no_ray_nodes(monkeypatch)
-    monkeypatch.setattr(pool_ops, "_kill", lambda handle: None)
-    monkeypatch.setattr(healing, "_kill", lambda handle, no_restart=True: None)
+    no_kills(monkeypatch)
 
     async def run():
         c = controller(model_dir, [], shards=3)
