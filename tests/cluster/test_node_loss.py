@@ -19,9 +19,9 @@ from tests.cluster.pool_helpers import PARAMS, PROMPTS, Steps, check_same
 from workers.dense_worker import DenseWorker
 from workers.make_checkpoint import make_checkpoint
 
-# Ray declares the lost node dead only after ~20 s, long after the pool's probes (0.6 s): for
-# that while Ray still lists the node alive with the most free room, and the replacement
-# must go elsewhere (it once went back there, died, and the survivors took the experts).
+# Ray declares the lost node dead only after ~20 s, long after the pool's probes (0.6 s).
+# Meanwhile Ray still lists the node alive, with the most free room, and the replacement must
+# go elsewhere (it once went back there, died, and the survivors took the experts).
 SLOW_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
                    "health_check_failure_threshold": 20}  # fmt: skip
 
@@ -61,7 +61,10 @@ def test_worker_node_lost_with_a_shard_mid_generation(cluster, model_dir):
         victim_node = cluster.workers[1]
         lost = by_node[victim_node.node_id]
         expected = ray.get(pool.controller.get.remote()).shard(lost).experts
-        kill = lambda: cluster.remove_node(victim_node, allow_graceful=False)  # noqa: E731
+
+        def kill() -> None:
+            cluster.remove_node(victim_node, allow_graceful=False)
+
         steps = Steps(backend, {8: kill}, wait=1)
         outs = DenseWorker(model_dir, experts=steps).generate(PROMPTS, PARAMS)
         steps.done()
