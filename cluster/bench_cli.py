@@ -109,6 +109,11 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     e2e.add_argument("--output-len", type=_range, default=(16, 128), metavar="MIN:MAX")
     e2e.add_argument("--max-batched-tokens", type=int, default=512)
     e2e.add_argument(
+        "--stream-interval", type=int, default=None, metavar="TOKENS",
+        help="ours: tokens per streamed delta (dense.stream_interval; default: the config's "
+        "in serve mode, 1 in engine mode)",
+    )  # fmt: skip
+    e2e.add_argument(
         "--peer-threads", type=int, default=None, help="llama-server -t (default: all cores)"
     )
     e2e.add_argument("--repeats", type=int, default=3, help="rounds, ours and hf alternating")
@@ -449,12 +454,13 @@ def _e2e(args: argparse.Namespace) -> int:
         sweep.run(resolve_model(args.model), args.concurrency, args.peers, mode, args.shards,
                   args.prompt_len, args.output_len, args.max_batched_tokens, args.repeats,
                   args.seed, args.out, serve_app_builder=builder,
-                  peer_threads=args.peer_threads)  # fmt: skip
+                  peer_threads=args.peer_threads,
+                  stream_interval=args.stream_interval)  # fmt: skip
         _show(args.out, "e2e")
         return 0
     e2e.run(args.model, args.concurrency[0], mode, args.shards, args.prompt_len, args.output_len,
             hf=not args.no_hf, hf_batch=args.hf_batch, max_batched_tokens=args.max_batched_tokens,
             repeats=args.repeats, seed=args.seed, out_dir=args.out,
-            serve_app_builder=builder)  # fmt: skip
+            serve_app_builder=builder, stream_interval=args.stream_interval)  # fmt: skip
     _show(args.out, "e2e")
     return 0

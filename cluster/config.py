@@ -122,6 +122,10 @@ class DenseConfig:
     torch_threads: int | None = None
     wide_step_threads: int | None = None
     wide_step_tokens: int = 16
+    # tokens per streamed delta after a request's first (vLLM's --stream-interval; the last
+    # delta goes at once): each delta costs the serving path the same CPU, so a few tokens per
+    # delta leave the cores to the model (workers/async_engine.py); 1 = every token on its own
+    stream_interval: int = 4
     # hybrid cache (workers/cache_config.py): one memory budget for KV blocks, DeltaNet states
     # and prefix snapshots; kv_cache_gb, or kv_cache_fraction of the memory available at
     # start, or (neither) what max_num_seqs full-length sequences need
@@ -272,6 +276,7 @@ def _validate(c: ClusterConfig) -> None:
         (c.dense.wide_step_threads is None or c.dense.wide_step_threads >= 1,
          "dense.wide_step_threads", "must be >= 1 (or null: the replica's CPUs)"),
         (c.dense.wide_step_tokens >= 1, "dense.wide_step_tokens", "must be >= 1"),
+        (c.dense.stream_interval >= 1, "dense.stream_interval", "must be >= 1 token"),
         (c.dense.prefix_routing_imbalance >= 0, "dense.prefix_routing_imbalance", "must be >= 0"),
         (c.dense.autoscaling.min_replicas >= 1, "dense.autoscaling.min_replicas", "must be >= 1"),
         (c.dense.autoscaling.max_replicas >= c.dense.autoscaling.min_replicas,

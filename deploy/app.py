@@ -91,7 +91,7 @@ class DenseReplica:
             cache_config=config.dense.cache_config(),
             step_threads=threads,
         )
-        self.engine = AsyncEngine(self.worker.engine)
+        self.engine = AsyncEngine(self.worker.engine, d.stream_interval)
         self.model_name = model_name
         self.replica = serve.get_replica_context().replica_id.unique_id
 

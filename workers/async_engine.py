@@ -1,6 +1,13 @@
 """AsyncEngine: runs an Engine's step loop on a background thread and streams each request's
 outputs to an asyncio consumer. Cancelling the consumer (client disconnect) aborts the request,
-which frees its cache slot at the start of the next step."""
+which frees its cache slot at the start of the next step.
+
+`stream_interval` (vLLM's and SGLang's `--stream-interval`): after the first delta, a request's
+tokens go out in deltas of at least that many (the last one, and any error, at once). Every
+delta costs the serving path the same CPU whatever it carries (a Ray streaming item through
+the replica, the ingress and the proxy, then an SSE event), so larger deltas leave the cores
+to the model: on 2 cores, 1 -> 4 tokens took the served TPOT at 4 streams from ~16 to ~12 ms.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: expected >= 1 token, got {stream_interval}")
         self.engine = engine
+        self.stream_interval = stream_interval
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -51,10 +61,14 @@ class AsyncEngine:
             self.engine.add_request(rid, prompt_ids, params, resume)
             self._wake.set()
             unfinished = params.n  # choices still running
+            first = True
             while unfinished:
                 outs = [await queue.get()]
                 while not queue.empty():  # a slow consumer gets one merged delta per choice,
                     outs.append(queue.get_nowait())  # not one per step
+                while not first and self._holds(outs):  # wait for a fuller delta
+                    outs.append(await queue.get())
+                first = first and not any(o.token_ids for o in outs)  # the first token: at once
                 for out in _merge_by_choice(outs):
                     unfinished -= out.finished
                     yield out
@@ -65,6 +79,11 @@ class AsyncEngine:
             if not finished:  # consumer went away (disconnect, cancel): free the slot
                 self.engine.abort(rid)
                 self._wake.set()
+
+    def _holds(self, outs: list[RequestOutput]) -> bool:
+        """Whether these pending deltas wait for more tokens (the stream interval)."""
+        tokens = sum(len(o.token_ids) for o in outs)
+        return tokens < self.stream_interval and not any(o.finished for o in outs)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -103,10 +122,18 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
             targets = [(self._queues.get(o.request_id), o) for o in outputs]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for target, out in targets:
             if target is not None:
                 loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                by_loop.setdefault(loop, []).append((queue, out))
+        for loop, items in by_loop.items():  # one wake-up of each loop per step
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 def _merge_by_choice(outs: list[RequestOutput]) -> list[RequestOutput]:

@@ -18,6 +18,7 @@ from torch import nn
 from workers.cache import HybridCache
 from workers.config import ModelConfig
 from workers.layout import DecodeBatch, PrefillKeys, StepLayout
+from workers.linear import Linear
 from workers.norms import RMSNorm
 from workers.rope import PartialRope
 
@@ -32,10 +33,10 @@ class GatedAttention(nn.Module):
             c.num_key_value_heads,
             c.head_dim,
         )
-        self.q_proj = nn.Linear(c.hidden_size, 2 * self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, 2 * self.heads * self.head_dim, bias=False)
+        self.k_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.rope = PartialRope(self.head_dim, c.rotary_dim, c.rope_theta)

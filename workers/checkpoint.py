@@ -206,17 +206,19 @@ def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) 
 def load_dense_weights(
     model_dir: str | Path | CheckpointReader,
     config: ModelConfig,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """All non-routed-expert tensors (the keys of `expected_dense_shapes`), cast to `dtype`."""
+    """All non-routed-expert tensors (the keys of `expected_dense_shapes`), cast to `dtype`
+    (None: as stored)."""
     schema = expected_dense_shapes(config)
     out: dict[str, torch.Tensor] = {}
     with _opened(model_dir) as reader, _progress(len(schema), "dense weights", progress) as bar:
         _log_extra_keys(reader, schema)
         for key, shape in schema.items():
             _check_shape(reader, key, shape)
-            out[key] = reader.get(key).to(dtype)
+            tensor = reader.get(key)
+            out[key] = tensor if dtype is None else tensor.to(dtype)
             bar.update()
     return out
 

@@ -21,6 +21,7 @@ from workers.cache import HybridCache
 from workers.config import ModelConfig
 from workers.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from workers.layout import SeqSpan, StepLayout
+from workers.linear import Linear
 from workers.norms import GatedRMSNorm
 
 
@@ -34,17 +35,15 @@ class GatedDeltaNet(nn.Module):
         self.r = self.hv // self.hk
         self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
         conv_dim = c.conv_dim
-        self.in_proj_qkvz = nn.Linear(
-            c.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False
-        )
-        self.in_proj_ba = nn.Linear(c.hidden_size, 2 * self.hv, bias=False)
+        self.in_proj_qkvz = Linear(c.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = Linear(c.hidden_size, 2 * self.hv, bias=False)
         self.conv1d = nn.Conv1d(
             conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False
         )
         self.dt_bias = nn.Parameter(torch.ones(self.hv))
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.norm = GatedRMSNorm(self.dv, c.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, layout: StepLayout, cache: HybridCache) -> torch.Tensor:
         """x [T, H] -> [T, H]; advances each sequence's conv and recurrent state."""

@@ -28,10 +28,15 @@ from workers.tokenizer import TextTokenizer, TokenizerError
 log = logging.getLogger(__name__)
 
 
-def load_lm(model_dir: str | Path, dtype: torch.dtype, progress: bool = True) -> Qwen3NextLM:
+def load_lm(
+    model_dir: str | Path, dtype: torch.dtype, progress: bool = True, lossless: bool = True
+) -> Qwen3NextLM:
+    """The dense model computing in `dtype`; with `lossless`, projection weights stored in bf16
+    stay bf16 under fp32 compute (half the bytes a decode step reads, the same numbers)."""
     config = ModelConfig.from_hf(model_dir)
-    weights = load_dense_weights(model_dir, config, dtype=dtype, progress=progress)
-    return Qwen3NextLM.from_weights(config, weights, dtype)
+    weights = load_dense_weights(model_dir, config, dtype=None if lossless else dtype,
+                                 progress=progress)  # fmt: skip
+    return Qwen3NextLM.from_weights(config, weights, dtype, lossless=lossless)
 
 
 def local_experts(

@@ -17,7 +17,8 @@ from workers.config import LINEAR, ModelConfig
 from workers.deltanet import GatedDeltaNet
 from workers.experts import ExpertBackend
 from workers.layout import StepLayout
-from workers.moe import SparseMoE
+from workers.linear import Linear, storage_dtype
+from workers.moe import Router, SparseMoE
 from workers.norms import RMSNorm
 
 
@@ -62,20 +63,47 @@ class Qwen3NextLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @classmethod
     def from_weights(
-        cls, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype
+        cls,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        lossless: bool = False,
     ) -> Qwen3NextLM:
-        """Build without allocating twice: parameters are the loaded tensors themselves."""
+        """Build without allocating twice: parameters are the loaded tensors themselves, cast
+        to `dtype`; with `lossless`, matmul weights keep a narrower dtype that holds them
+        exactly (bf16 under fp32 compute: workers/linear.py)."""
         with torch.device("meta"):
             lm = cls(config)
         weights = dict(weights)
         if config.tie_word_embeddings:
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        lm.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
+        narrow = lm.matmul_weights() if lossless else frozenset()
+        if config.tie_word_embeddings:  # the embedding's dtype is the activations'
+            narrow -= {"lm_head.weight"}
+        cast = {
+            k: v.to(storage_dtype(v.dtype, dtype) if k in narrow else dtype)
+            for k, v in weights.items()
+        }
+        lm.load_state_dict(cast, strict=True, assign=True)
         return lm.eval().requires_grad_(False)
+
+    def matmul_weights(self) -> frozenset[str]:
+        """Names of the projection (and router) weights: the parameters that may be stored
+        narrower than the activations."""
+        return frozenset(
+            f"{name}.weight"
+            for name, module in self.named_modules()
+            if isinstance(module, (nn.Linear, Router))
+        )
+
+    def compute_dtypes(self) -> set[torch.dtype]:
+        """The dtypes of every parameter but the matmul weights (those may be narrower)."""
+        matmul = self.matmul_weights()
+        return {p.dtype for name, p in self.named_parameters() if name not in matmul}
 
     def hidden_states(
         self,

@@ -16,14 +16,15 @@ from torch import nn
 
 from workers.config import ModelConfig
 from workers.experts import ExpertBackend
+from workers.linear import Linear
 
 
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -37,7 +38,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (ids [T, K] int64, weights [T, K] in x's dtype)."""
-        probs = torch.softmax(F.linear(x, self.weight).float(), dim=-1)  # [T, E]
+        probs = torch.softmax(F.linear(x, self.weight.to(x.dtype)).float(), dim=-1)  # [T, E]
         top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
             top_w = top_w / top_w.sum(-1, keepdim=True)
@@ -50,7 +51,7 @@ class SparseMoE(nn.Module):
         self.layer = layer
         self.gate = Router(config)
         self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
         return self.begin(x, experts)()

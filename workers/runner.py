@@ -43,7 +43,7 @@ class ModelRunner:
         self.micro_batches = micro_batches
         # fused C++ dense ops (workers/dense_kernel.py): None = wherever they load and the
         # model and cache share a dtype they take; False = the eager torch reference
-        dtypes = {p.dtype for p in lm.parameters()} | {dtype}
+        dtypes = lm.compute_dtypes() | {dtype}  # matmul weights may be bf16 under fp32
         possible = len(dtypes) == 1 and dense_kernel.supports(dtype)
         if native and not possible:
             raise ValueError(

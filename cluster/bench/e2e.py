@@ -110,7 +110,12 @@ async def _gather(one: Callable[[int], Any], n: int) -> tuple[list[Record], floa
 
 @contextlib.contextmanager
 def engine_session(
-    model_dir: Path, n: int, shards: int, max_batched_tokens: int, num_cpus: float = 0.25
+    model_dir: Path,
+    n: int,
+    shards: int,
+    max_batched_tokens: int,
+    num_cpus: float = 0.25,
+    stream_interval: int | None = None,
 ) -> Iterator[Callable[[Workload], Run]]:
     """Yields run(workload): a fresh Engine (new cache) over one loaded model per call."""
     from workers.async_engine import AsyncEngine
@@ -124,7 +129,7 @@ def engine_session(
 
     def run(w: Workload) -> Run:
         runner = ModelRunner(model.lm, backend or model.experts, max_seqs=n, dtype=DTYPE)
-        engine = AsyncEngine(Engine(runner, cfg))
+        engine = AsyncEngine(Engine(runner, cfg), stream_interval or 1)
         threads = torch.get_num_threads()
         # like a dense replica: leave a core to the clients' event loop (workers.resources)
         torch.set_num_threads(max(1, threads - 1))
@@ -178,6 +183,7 @@ def serve_session(
     num_cpus: float = 0.25,
     *,
     build_app: Callable[[Any, str], Any],
+    stream_interval: int | None = None,
 ) -> Iterator[Callable[[Workload], Run]]:
     """Starts Ray, the expert pool (shards > 0) and the Serve app (`build_app(config,
     model_dir)`, injected by deploy/); yields run(workload)."""
@@ -193,7 +199,8 @@ def serve_session(
         "model": str(model_dir), "experts": {"shards": shards, "num_cpus": num_cpus},
         "dense": {"num_cpus": DENSE_CPUS, "max_num_seqs": n, "max_queue": max(256, n),
                   "max_num_batched_tokens": max_batched_tokens,
-                  "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+        | ({} if stream_interval is None else {"stream_interval": stream_interval}),
         "server": {"http_port": http, "grpc_port": free_port(), "model_name": "bench"},
     })  # fmt: skip
     url = f"http://127.0.0.1:{http}"
@@ -277,6 +284,7 @@ def run(
     out_dir: str | Path = "bench-out",
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
     serve_app_builder: Callable[[Any, str], Any] | None = None,
+    stream_interval: int | None = None,
 ) -> dict[str, Any]:
     """`repeats` rounds, ours and transformers alternating first; medians of the rounds."""
     from workers.config import ModelConfig
@@ -289,9 +297,10 @@ def run(
     if mode == "serve":
         if serve_app_builder is None:
             raise ValueError("serve mode needs the Serve app builder (deploy.app.build_app)")
-        session = functools.partial(serve_session, build_app=serve_app_builder)
+        session = functools.partial(serve_session, build_app=serve_app_builder,
+                                    stream_interval=stream_interval)  # fmt: skip
     else:
-        session = engine_session
+        session = functools.partial(engine_session, stream_interval=stream_interval)
     ours_runs: list[dict[str, Any]] = []
     hf_runs: list[dict[str, Any]] = []
     agreement = []

@@ -35,6 +35,7 @@ from cluster.bench.e2e import (
     summarise,
 )
 from cluster.bench.report import machine_line, markdown_table, write_json, write_markdown
+from cluster.config import DenseConfig
 
 AGREE_TOKENS = 16
 CTX_PER_REQUEST = 1024  # llama.cpp slot size / vLLM max-model-len (>= prompt + output)
@@ -148,6 +149,7 @@ def run(
     serve_app_builder: Callable[[Any, str], Any] | None = None,
     ours: bool = True,
     peer_threads: int | None = None,
+    stream_interval: int | None = None,
 ) -> dict[str, Any]:
     from workers.config import ModelConfig
 
@@ -168,9 +170,10 @@ def run(
             if mode == "serve":
                 if serve_app_builder is None:
                     raise ValueError("serve mode needs the Serve app builder (deploy.app)")
-                session = functools.partial(serve_session, build_app=serve_app_builder)
+                session = functools.partial(serve_session, build_app=serve_app_builder,
+                                            stream_interval=stream_interval)  # fmt: skip
             else:
-                session = engine_session
+                session = functools.partial(engine_session, stream_interval=stream_interval)
             sessions[name] = stack.enter_context(session(model_dir, n, shards, max_batched_tokens))
         for peer in peers:
             label = {"llama.cpp": "llama.cpp b11434 (f32 GGUF)", "vllm": "vLLM CPU 0.32 (bf16)"}
@@ -199,6 +202,7 @@ def run(
         "model": str(model_dir),
         "mode": mode,
         "shards": shards,
+        "stream_interval": stream_interval,
         "concurrency": list(concurrencies),
         "repeats": repeats,
         "seed": seed,
@@ -272,7 +276,9 @@ def write_outputs(out: dict[str, Any], out_dir: Path) -> None:
         "ignore_eos, streamed over HTTP",
         f"- llama-server threads (-t): {out.get('llama_threads')}; vLLM CPU: its default "
         "OpenMP threads; ours: the dense replica's CPUs for steps of >= 16 tokens, one core "
-        "fewer for smaller steps (dense.torch_threads / wide_step_threads / wide_step_tokens)",
+        "fewer for smaller steps (dense.torch_threads / wide_step_threads / wide_step_tokens); "
+        f"ours stream {out.get('stream_interval') or DenseConfig.stream_interval} tokens per "
+        "delta after the first (dense.stream_interval; the peers one per token)",
         f"- {out['repeats']} interleaved rounds (a different contender first each round); "
         "medians with min..max over rounds",
         *ratios,

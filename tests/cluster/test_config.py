@@ -35,6 +35,7 @@ def test_defaults_and_nested_overrides(tmp_path):
         ({"dense": {"torch_threads": 0}}, "dense.torch_threads: must be >= 1"),
         ({"dense": {"wide_step_threads": "all"}}, "dense.wide_step_threads: expected int"),
         ({"dense": {"wide_step_tokens": 0}}, "dense.wide_step_tokens: must be >= 1"),
+        ({"dense": {"stream_interval": 0}}, "dense.stream_interval: must be >= 1"),
         ({"dense": {"autoscaling": {"min_replicas": 3}}}, "dense.autoscaling.max_replicas"),
         ({"server": [1]}, "server: expected a mapping"),
         ({"server": {"http_port": 70000}}, "server.http_port"),

@@ -5,13 +5,18 @@ blocks, with micro-batch ping-pong, and under the sink + window KV policy."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from workers import dense_kernel
 from workers.cache_config import CacheConfig
-from workers.dense_worker import DenseWorker
+from workers.checkpoint import load_dense_weights
+from workers.config import ModelConfig
+from workers.dense_worker import DenseWorker, load_lm, local_experts
 from workers.make_checkpoint import make_checkpoint
+from workers.model import Qwen3NextLM
 from workers.requests import EngineConfig
 from workers.runner import ModelRunner
 
@@ -87,3 +92,34 @@ def test_native_step_equals_the_eager_reference(worker, kw):
 def test_native_is_on_by_default_where_it_builds_and_can_be_turned_off(worker):
     assert runner(worker, None).native
     assert not runner(worker, False).native
+
+
+def test_a_bf16_checkpoint_keeps_its_projections_in_bf16_with_the_same_numbers(tmp_path):
+    """fp32 compute over bf16-stored projection weights (half the bytes a decode step reads)
+    gives exactly the logits of fp32-stored ones, on the native step and the eager path."""
+    path = make_checkpoint(tmp_path, preset="tiny", seed=5, dtype="bfloat16")
+    narrow = load_lm(path, torch.float32, progress=False)
+    wide = load_lm(path, torch.float32, progress=False, lossless=False)
+    matmul = narrow.matmul_weights()
+    assert "lm_head.weight" in matmul and "model.layers.0.mlp.gate.weight" in matmul
+    assert {narrow.get_parameter(n).dtype for n in matmul} == {torch.bfloat16}
+    assert narrow.compute_dtypes() == {torch.float32} == {p.dtype for p in wide.parameters()}
+    experts = local_experts(path, torch.float32, progress=False)
+    for native in (True, False):
+        got = greedy(ModelRunner(narrow, experts, 4, native=native, max_model_len=512))
+        ref = greedy(ModelRunner(wide, experts, 4, native=native, max_model_len=512))
+        assert got[1] == ref[1]
+        assert torch.equal(got[0], ref[0])
+
+
+def test_tied_embeddings_and_fp32_checkpoints_stay_in_the_compute_dtype(tmp_path):
+    bf16 = make_checkpoint(tmp_path / "bf16", preset="tiny", seed=5, dtype="bfloat16")
+    config = dataclasses.replace(ModelConfig.from_hf(bf16), tie_word_embeddings=True)
+    weights = load_dense_weights(bf16, config, dtype=None, progress=False)
+    tied = Qwen3NextLM.from_weights(config, weights, torch.float32, lossless=True)
+    assert tied.lm_head.weight.dtype == torch.float32  # it is the embedding
+    assert tied.model.layers[0].mlp.shared_expert.up_proj.weight.dtype == torch.bfloat16
+    fp32 = make_checkpoint(tmp_path / "fp32", preset="tiny", seed=5, dtype="float32")
+    assert {p.dtype for p in load_lm(fp32, torch.float32, progress=False).parameters()} == {
+        torch.float32
+    }
