@@ -119,13 +119,16 @@ def plan(
     context: int | None = None,
     reserve: float = 0.1,
     shards: int | None = None,
+    lossless: bool = False,
 ) -> Plan:
     """The plan for `config`: dense weights in `dtype`, experts in `expert_dtype` (default
     dtype), KV in `kv_dtype` (default dtype; int formats keep a bf16 cache); `reserve` of each
-    device is kept for activations and the runtime."""
+    device is kept for activations and the runtime. With `lossless` (what the loaders do), a
+    bf16 checkpoint computed in fp32 keeps its projections and (by default) experts in bf16."""
     from workers.checkpoint import expected_dense_shapes
 
-    expert_dtype = expert_dtype or dtype
+    narrow = lossless and dtype == "float32" and config.torch_dtype == "bfloat16"
+    expert_dtype = expert_dtype or ("bfloat16" if narrow else dtype)
     kv_dtype = kv_dtype or ("float32" if dtype == "float32" else "bfloat16")
     if kv_dtype not in KV_BYTES:
         raise ValueError(f"kv dtype: expected one of {list(KV_BYTES)}, got {kv_dtype!r}")
@@ -148,6 +151,11 @@ def plan(
     )
     dense_bytes = weight_bytes(dense_params, dtype if dtype in KV_BYTES else "bfloat16")
     embed = c.vocab_size * h
+    if narrow:  # workers/linear.py: all but the embedding, norms and conv stay bf16
+        wide = embed + sum(
+            math.prod(s) for k, s in expected_dense_shapes(c).items() if len(s) != 2
+        )  # fmt: skip
+        dense_bytes = weight_bytes(wide, "float32") + weight_bytes(dense_params - wide, "bfloat16")
     active = dense_params - embed + c.num_hidden_layers * c.num_experts_per_tok * 3 * h * i
     kv_token = len(c.full_layers) * 2 * c.num_key_value_heads * c.head_dim * KV_BYTES[kv_dtype]
     ssm = c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
@@ -209,8 +217,8 @@ def check_fits(cluster: Any, model_dir: str | Path, available: int | None = None
     (experts.shards == 0) or the expert shards. Returns the numbers otherwise."""
     config = ModelConfig.from_hf(model_dir)
     dense = cluster.dense
-    p = plan(config, cluster.dtype, cluster.experts.dtype or cluster.dtype,
-             context=dense.max_model_len, reserve=0.0)  # fmt: skip
+    p = plan(config, cluster.dtype, cluster.experts.dtype, context=dense.max_model_len,
+             reserve=0.0, lossless=True)  # fmt: skip
     replicas = dense.autoscaling.max_replicas
     available = available_memory() if available is None else available
     # the replica's hybrid cache: its configured budget (workers/cache_config.py), else room
@@ -250,13 +258,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         "--dtype",
         default="bfloat16",
         choices=["float32", "bfloat16", "float8"],
-        help="dense weights (default bfloat16)",
+        help="dense compute dtype (default bfloat16; float32 keeps a bf16 checkpoint's "
+        "projections in bf16, as the dense replica does)",
     )
     p.add_argument(
         "--expert-dtype",
         default=None,
         choices=list(PLAN_DTYPES),
-        help="routed experts (default: --dtype)",
+        help="routed experts (default: --dtype; bf16 for a bf16 checkpoint in float32)",
     )
     p.add_argument("--kv-dtype", default=None, choices=list(KV_BYTES))
     p.add_argument("--device-memory", default="80GB", help="per device, e.g. 80GB, 24GiB")
@@ -289,7 +298,7 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         memory = parse_bytes(args.device_memory)
         p = plan(config, args.dtype, args.expert_dtype, args.kv_dtype, memory, args.context,
-                 args.reserve, args.shards)  # fmt: skip
+                 args.reserve, args.shards, lossless=True)  # fmt: skip
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(p.to_dict() | {"model": name}) if args.json else render(p, name))

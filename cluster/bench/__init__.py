@@ -151,6 +151,32 @@ def rotate(items: Sequence[Any], k: int) -> list[Any]:
     return list(items[k:]) + list(items[:k])
 
 
+def settle(idle: float = 0.85, window_s: float = 0.25, timeout_s: float = 10.0) -> float:
+    """Wait until the CPUs are idle (at least `idle` of a `window_s` window, from /proc/stat)
+    or `timeout_s` passed, so a contender does not run while the previous one is still busy
+    after its last response (vLLM's engine keeps a core busy for ~1 s). Seconds waited."""
+    start = time.monotonic()
+
+    def times() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    before = times()
+    while before is not None and time.monotonic() - start < timeout_s:
+        time.sleep(window_s)
+        after = times()
+        if after is None or after[1] == before[1]:
+            break
+        if (after[0] - before[0]) / (after[1] - before[1]) >= idle:
+            break
+        before = after
+    return time.monotonic() - start
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch build and threads: printed with every result."""
     cpu = platform.processor() or platform.machine()

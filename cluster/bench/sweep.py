@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import machine_info, rotate, sse_lines
+from cluster.bench import machine_info, rotate, settle, sse_lines
 from cluster.bench.e2e import (
     Record,
     Run,
@@ -187,6 +187,7 @@ def run(
         for r in range(repeats):
             for i, c in enumerate(concurrencies):
                 for who in rotate(names, r + i):
+                    settle()  # the previous contender may still be busy after its last token
                     records, start, _ = sessions[who](workloads[c])
                     s = summarise(records, start)
                     results.setdefault(who, {}).setdefault(c, []).append(s)
@@ -279,8 +280,8 @@ def write_outputs(out: dict[str, Any], out_dir: Path) -> None:
         "fewer for smaller steps (dense.torch_threads / wide_step_threads / wide_step_tokens); "
         f"ours stream {out.get('stream_interval') or DenseConfig.stream_interval} tokens per "
         "delta after the first (dense.stream_interval; the peers one per token)",
-        f"- {out['repeats']} interleaved rounds (a different contender first each round); "
-        "medians with min..max over rounds",
+        f"- {out['repeats']} interleaved rounds (a different contender first each round; each "
+        "run starts once the CPUs are idle again); medians with min..max over rounds",
         *ratios,
         f"- 1-minute load average during the run: {out['loadavg_1m']}",
     ]

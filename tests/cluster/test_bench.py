@@ -185,3 +185,11 @@ def test_sse_lines_split_on_newline_only():
     lines = asyncio.run(collect())
     assert lines == ['data: {"text": "a\u2028b\u0085c"}', "", "data: [DONE]", ""]
     assert json.loads(lines[0][6:])["text"] == "a\u2028b\u0085c"
+
+
+def test_settle_waits_for_idle_cpus_up_to_its_timeout():
+    from cluster.bench import settle
+
+    assert settle(idle=0.0, window_s=0.05, timeout_s=5.0) < 1.0  # any window is idle enough
+    waited = settle(idle=1.01, window_s=0.05, timeout_s=0.3)  # never idle enough
+    assert 0.3 <= waited < 1.5

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cluster.config import ClusterConfig
 from cluster.plan import QWEN3_CODER_NEXT, PlanError, check_fits, parse_bytes, plan
@@ -85,3 +86,25 @@ def test_cli(capsys, tmp_path):
     assert main(["plan", "--preset", "qwen3-coder-next", "--device-memory", "huge"]) == 2
     assert "expected a size" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path)]) == 2
+
+
+def test_a_bf16_checkpoint_computed_in_fp32_is_planned_as_the_loaders_store_it(tmp_path):
+    """Projections and experts of a bf16 checkpoint stay bf16 under fp32 compute (lossless);
+    serve's check counts what the dense replica really allocates."""
+    from workers.config import ModelConfig
+    from workers.dense_worker import load_lm, local_experts
+    from workers.make_checkpoint import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", preset="tiny", tokenizer=False, dtype="bfloat16")
+    config = ModelConfig.from_hf(model)
+    lm = load_lm(model, torch.float32, progress=False)
+    experts = local_experts(model, torch.float32, progress=False).weights
+    p = plan(config, "float32", lossless=True)
+    assert p.dense_bytes == sum(t.nbytes for t in lm.state_dict().values())
+    assert p.expert_dtype == "bfloat16"
+    assert p.expert_bytes == sum(experts.w13[i].nbytes + experts.w2[i].nbytes
+                                 for i in experts.layers)  # fmt: skip
+    wide = plan(config, "float32")
+    assert wide.dense_bytes > p.dense_bytes and wide.expert_bytes == 2 * p.expert_bytes
+    fits = check_fits(ClusterConfig.from_dict({"experts": {"shards": 0}}), model, 10**12)
+    assert fits["dense_bytes"] == p.dense_bytes and fits["expert_bytes"] == p.expert_bytes
