@@ -187,7 +187,9 @@ def run(
         for r in range(repeats):
             for i, c in enumerate(concurrencies):
                 for who in rotate(names, r + i):
-                    settle()  # the previous contender may still be busy after its last token
+                    waited = settle()  # the previous contender may still be busy after its end
+                    if waited >= 0.5:
+                        log(f"waited {waited:.1f} s for idle CPUs before {who} C={c}")
                     records, start, _ = sessions[who](workloads[c])
                     s = summarise(records, start)
                     results.setdefault(who, {}).setdefault(c, []).append(s)
