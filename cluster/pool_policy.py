@@ -30,7 +30,8 @@ class PoolPolicyMixin:
     ) -> dict[str, Any]:  # fmt: skip
         """Pause / resume the rebalancer and the autoscaler (e.g. while an operator works on
         the pool; only a policy the config enables can run), and change the autoscaler's
-        target busy fraction at run time."""
+        target busy fraction at run time. A pause returns once no change a policy started is
+        still in flight (and none starts after it)."""
         from cluster.pool_ops import LiveOpError
 
         e = self.config.experts
@@ -55,6 +56,9 @@ class PoolPolicyMixin:
                 self.autoscaler = ShardAutoscaler(e.autoscaling)  # no timers from before
                 self.last_decision = ""
             self.policies[name] = bool(want)
+        if rebalance is False or autoscale is False:
+            async with self._ops:  # a change in flight finishes first
+                pass
         return dict(self.policies, target_load=e.autoscaling.target_load)
 
     async def policy_tick(self) -> str:
@@ -68,7 +72,8 @@ class PoolPolicyMixin:
             result = await asyncio.to_thread(self.rebalancer.decide, counts, current)
             if result is not None:
                 async with self._ops:
-                    if self._live_assignment() == current:  # nothing moved meanwhile
+                    # nothing moved (and the policy was not paused) meanwhile
+                    if self.policies["rebalance"] and self._live_assignment() == current:
                         await self._apply_plan(counts, current, result)
                         return "rebalance"
         if not self.policies["autoscale"]:
@@ -89,12 +94,16 @@ class PoolPolicyMixin:
                 self.counters["scale_blocked"] += 1
                 self._event("scale_blocked", d.reason, logging.WARNING)
         elif d.action == "up":
-            self._event("scale_decision", f"add a shard: {d.reason}")
             async with self._ops:
+                if not self.policies["autoscale"]:  # paused while it decided
+                    return ""
+                self._event("scale_decision", f"add a shard: {d.reason}")
                 await self._add_shard(None, d.node_id)
         elif d.action == "down":
-            self._event("scale_decision", f"retire a shard: {d.reason}")
             async with self._ops:
+                if not self.policies["autoscale"]:
+                    return ""
+                self._event("scale_decision", f"retire a shard: {d.reason}")
                 await self._retire(None)
         self.last_decision = f"{d.action}: {d.reason}"
         return d.action if d.action in ("up", "down") else ""

@@ -154,7 +154,7 @@ def rotate(items: Sequence[Any], k: int) -> list[Any]:
 def settle(idle: float = 0.85, window_s: float = 0.25, timeout_s: float = 10.0) -> float:
     """Wait until the CPUs are idle (at least `idle` of a `window_s` window, from /proc/stat)
     or `timeout_s` passed, so a contender does not run while the previous one is still busy
-    after its last response (vLLM's engine keeps a core busy for ~1 s). Seconds waited."""
+    after its last response (vLLM's processes do). Seconds waited."""
     start = time.monotonic()
 
     def times() -> tuple[int, int] | None:

@@ -222,24 +222,22 @@ class Stages:
         self._call("set_policies", autoscale=True, target_load=self.target_load)
         if self.wait_scale("up", high, up):
             self.change("scale-up (forced)", "add_shard", high)
-        self._call("set_policies", autoscale=False)
         self.measure("after scale-up", high)
-        live = len([s for s in self._call("get").shards if s.live])
+        live = self._live()
         self._call("set_policies", autoscale=True)
         if self.wait_scale("down", max(1, low // 2), live):
             self.change("scale-down (forced)", "retire_shard", max(1, low // 2))
-        self._call("set_policies", autoscale=False)
         self.measure("after scale-down", max(1, low // 2))
         self.gen.drain()
 
     def wait_scale(self, action: str, conc: int, before: int) -> bool:
-        """Load at `conc` until the autoscaler scales `action`; True if it refused or did not
-        within 3 phases (the bench then makes the change itself)."""
+        """Load at `conc` until the autoscaler scales `action`, then pause it; True if it
+        refused or did not within 3 phases (the bench then makes the change itself)."""
         seen: dict[str, Any] = {"change": f"scale-{action} (autoscaler)", "forced": False}
         t0 = time.perf_counter()
 
         def done() -> bool:
-            live = len([s for s in self._call("get").shards if s.live])
+            live = self._live()
             seen["decision"] = self._call("load_report")["decision"]
             if action == "up" and seen["decision"].startswith("blocked"):
                 seen["forced"] = True
@@ -251,6 +249,10 @@ class Stages:
 
         phase = self.gen.run(Phase(f"waiting for scale-{action}", conc), _throttle(done, 1.0))
         self.phases.append(phase)
+        self._call("set_policies", autoscale=False)  # returns once no change is in flight
+        live = self._live()
+        if seen["forced"] and (live > before if action == "up" else live < before):
+            seen["forced"] = False  # the autoscaler's change landed as the wait ended
         kind = f"scale_{action}"
         events = [e for e in self._call("load_report")["events"] if e["kind"] == kind]
         if events and not seen["forced"]:
@@ -258,6 +260,9 @@ class Stages:
         seen["failed_during"] = phase.failed
         self.changes.append(seen)
         return seen["forced"]
+
+    def _live(self) -> int:
+        return len([s for s in self._call("get").shards if s.live])
 
 
 def _throttle(fn: Callable[[], bool], every_s: float) -> Callable[[], bool]:

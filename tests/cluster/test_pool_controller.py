@@ -380,3 +380,34 @@ def test_policy_rebalances_skewed_load_and_blocked_scale_out_says_why(model_dir,
     c = asyncio.run(run())
     assert c.counters["scale_blocked"] == 1 and "only share busy cores" in c.last_decision
     assert c.counters["rebalances"] == 1
+
+
+def test_pausing_the_autoscaler_waits_for_its_change_and_stops_one_being_decided(
+    model_dir, monkeypatch
+):
+    from cluster.autoscaler import NodeRoom
+
+    async def run():
+        c = controller(model_dir, [], autoscaling={"enabled": True, "min_shards": 1,
+                                                   "max_shards": 4, "target_load": 0.1,
+                                                   "upscale_delay_s": 0})  # fmt: skip
+
+        async def rooms(per_node, timeout_s=10.0):  # an operator pauses it meanwhile
+            await c.set_policies(autoscale=False)
+            return [NodeRoom("n" * 40, 16.0, 1.0, 16.0, len(c.fakes))]
+
+        monkeypatch.setattr(shard_actors, "node_rooms", rooms)
+        for sid in c.fakes:
+            c.window.add_shard_stats(sid, 0.0, 0, now=0.0)
+            c.window.add_shard_stats(sid, 0.95, 0, now=1.0)
+        before = c._table.shard_ids
+        assert await c.policy_tick() == ""  # it had decided "up", then saw the pause
+        assert c._table.shard_ids == before and c.last_decision == ""
+        await c.set_policies(autoscale=True)
+        async with c._ops:  # a change in flight: the pause returns after it
+            pause = asyncio.ensure_future(c.set_policies(autoscale=False))
+            await asyncio.sleep(0.05)
+            assert not pause.done()
+        assert (await asyncio.wait_for(pause, 1.0))["autoscale"] is False
+
+    asyncio.run(run())
