@@ -78,9 +78,12 @@ def two_replicas(tmp_path_factory):
 def per_replica(key: str) -> dict[str, int]:
     handle = serve.get_deployment_handle("DenseReplica", "routed")
     seen = {}
-    for _ in range(40):  # Serve routes each stats call to some replica
-        s = handle.stats.remote().result(timeout_s=10)
-        seen[s["replica"]] = s[key]
+    for _ in range(10):  # calls in flight together spread over the replicas (one at a time
+        calls = [handle.stats.remote() for _ in range(8)]  # may all reach the same one), as
+        for s in (c.result(timeout_s=10) for c in calls):  # the frontend's replica_stats does
+            seen[s["replica"]] = s[key]
+        if len(seen) == 2:
+            break
     assert len(seen) == 2, f"expected 2 dense replicas, saw {seen}"
     return seen
 
