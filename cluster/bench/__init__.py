@@ -155,25 +155,13 @@ def settle(idle: float = 0.85, window_s: float = 0.25, timeout_s: float = 10.0) 
     """Wait until the CPUs are idle (at least `idle` of a `window_s` window, from /proc/stat)
     or `timeout_s` passed, so a contender does not run while the previous one is still busy
     after its last response (vLLM's processes do). Seconds waited."""
+    from cluster.shard_actors import busy_fraction
+
     start = time.monotonic()
-
-    def times() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
-
-    before = times()
-    while before is not None and time.monotonic() - start < timeout_s:
-        time.sleep(window_s)
-        after = times()
-        if after is None or after[1] == before[1]:
-            break
-        if (after[0] - before[0]) / (after[1] - before[1]) >= idle:
-            break
-        before = after
+    if not os.path.exists("/proc/stat"):  # busy_fraction would not wait a window
+        return 0.0
+    while time.monotonic() - start < timeout_s and 1.0 - busy_fraction(window_s) < idle:
+        pass
     return time.monotonic() - start
 
 
