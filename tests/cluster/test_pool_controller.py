@@ -96,6 +96,14 @@ def controller(model_dir, log, shards=2, **experts) -> PoolController:
     return c
 
 
+async def wait_retired(c: PoolController, sid: str, tries: int = 100) -> None:
+    """Until `sid` has left the table, or `tries` x 20 ms passed (the caller checks)."""
+    for _ in range(tries):
+        await asyncio.sleep(0.02)
+        if sid not in c._table.shard_ids:
+            return
+
+
 def no_ray_nodes(monkeypatch) -> None:
     """Node queries without Ray: one node (the fakes' "nnn..."), Ray picks the place."""
     monkeypatch.setattr(shard_actors, "alive_nodes", lambda: {"n" * 40})
@@ -243,10 +251,7 @@ def test_replacement_avoids_the_dead_shards_node_and_retries_one_that_dies_start
         c._shards["shard-1"].node_id = "node-a"  # the node that is going away
         expected = c._table.shard("shard-1").experts
         await c._on_dead("shard-1", "test", permanent=True)
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            if "shard-1" not in c._table.shard_ids:
-                break
+        await wait_retired(c, "shard-1", 200)
         return c, expected
 
     c, expected = asyncio.run(run())
@@ -275,10 +280,7 @@ def test_a_replacement_that_never_schedules_leaves_the_bundle_free_once(model_di
         c._shards["shard-1"].node_id = "n" * 40
         c._shards["shard-1"].bundle = "bundle-1"
         await c._on_dead("shard-1", "test", permanent=True)
-        for _ in range(300):
-            await asyncio.sleep(0.02)
-            if "shard-1" not in c._table.shard_ids:
-                break
+        await wait_retired(c, "shard-1", 300)
         return c
 
     c = asyncio.run(run())
@@ -297,10 +299,7 @@ def test_one_slow_answer_is_not_death_but_repeated_ones_are(model_dir, spawn):
         for _ in range(3):
             await c._probe_all()
         assert c.counters["shard_faults"] == 1
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if "shard-0" not in c._table.shard_ids:
-                break
+        await wait_retired(c, "shard-0", 100)
         return c
 
     c = asyncio.run(run())
@@ -338,10 +337,7 @@ def test_no_room_for_a_replacement_survivors_take_over(model_dir, monkeypatch):
         c = controller(model_dir, [], shards=3)
         await c._on_dead("shard-1", "test", permanent=True)
         assert not (await c.status())["ready"]  # down at once: its experts are uncovered
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if "shard-1" not in c._table.shard_ids:
-                break
+        await wait_retired(c, "shard-1", 100)
         return c
 
     c = asyncio.run(run())
